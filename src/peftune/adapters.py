@@ -1,0 +1,80 @@
+"""PEFT method + options → peft config; apply; save in the PEFT layout and verify the result.
+
+Saving checks what alpaca-lora once got wrong (443-byte empty adapters): the written file must hold every
+trainable tensor, and at least one must differ from its value at initialisation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import torch
+
+from .errors import PeftuneError
+from .io import publish
+
+
+def lora_config(cfg):
+    from peft import LoraConfig, TaskType
+
+    targets = cfg.lora_target_modules
+    target = "all-linear" if targets == ["all-linear"] else targets
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=target, bias="none")
+
+
+def apply_adapter(model, cfg):
+    from peft import get_peft_model
+
+    try:
+        peft_model = get_peft_model(model, lora_config(cfg))
+    except ValueError as e:  # e.g. target modules not found in the model
+        raise PeftuneError(f"lora_target_modules {cfg.lora_target_modules}: {e}") from None
+    return peft_model
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def save_adapter(model, output_dir: str, initial: dict[str, torch.Tensor], base_model_ref: str) -> str:
+    """Writes adapter_config.json + adapter_model.safetensors at the root of output_dir, after verifying them in a
+    temporary directory; the files are renamed into place only once they check out."""
+    from safetensors.torch import load_file
+
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=output_dir)
+    try:
+        model.peft_config["default"].base_model_name_or_path = base_model_ref
+        model.save_pretrained(tmp, safe_serialization=True)
+        weights = os.path.join(tmp, "adapter_model.safetensors")
+        saved = load_file(weights)
+        if not saved:
+            raise RuntimeError("the saved adapter holds no tensors")
+        if len(saved) < len(initial):
+            raise RuntimeError(f"the saved adapter holds {len(saved)} tensors, the model trains {len(initial)}")
+        changed = any(not torch.equal(p.detach().cpu(), initial[n].cpu())
+                      for n, p in model.named_parameters() if p.requires_grad)
+        if not changed:
+            raise RuntimeError("training left every adapter weight at its initial value; nothing was learned")
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            publish(os.path.join(tmp, name), os.path.join(output_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return os.path.join(output_dir, "adapter_model.safetensors")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"

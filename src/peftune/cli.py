@@ -1,0 +1,87 @@
+"""The `peftune` command: parses, then calls one function per verb."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import PeftuneError
+
+USAGE = """usage: peftune <command> [options]
+
+commands:
+  train [CONFIG.yaml] [--key value ...]   fine-tune an adapter (peftune train --help lists every key)
+  chat --adapter DIR [options]            talk to the base model + adapter (peftune chat --help)
+  docs [FILE]                             write the config reference (docs/config.md)
+"""
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def cmd_train(argv: list[str]) -> int:
+    from .config import help_text, load_config, parse_overrides
+
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: peftune train [CONFIG.yaml] [--key value ...]\n\nEvery key works in the YAML file and as an "
+              "option; dotted keys set mappings (--data_vars.name Aurora); lists take repeated flags or commas.\n")
+        print(help_text())
+        return 0
+    path = argv[0] if argv and not argv[0].startswith("--") else None
+    cfg = load_config(path, parse_overrides(argv[1:] if path else argv))
+    _quiet_libraries()
+    from .train.recipe import train
+
+    train(cfg)
+    return 0
+
+
+def cmd_chat(argv: list[str]) -> int:
+    from .infer import chat
+
+    parser = argparse.ArgumentParser(prog="peftune chat", description="Chat with a base model and an adapter.")
+    chat.add_arguments(parser)
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    return chat.run(args)
+
+
+def cmd_docs(argv: list[str]) -> int:
+    from .config import markdown_docs
+    from .io import atomic_write_text
+
+    target = argv[0] if argv else os.path.join("docs", "config.md")
+    atomic_write_text(target, markdown_docs())
+    print(f"wrote {target}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "chat": cmd_chat, "docs": cmd_docs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"peftune: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except PeftuneError as e:
+        print(f"peftune: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\npeftune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""The one config schema: every field is written once (name, type, default, help) and feeds YAML files,
+`--key value` overrides, `peftune train --help` and docs/config.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import PeftuneError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+SOURCE_KEYS = {"path": "the data file", "max_samples": "use at most this many rows of it (a seeded random choice)",
+               "weight": "repeat its training rows this many times (fractions allowed: 1.5 = all once, half twice)"}
+
+
+class DataSource:
+    """A `data_path` entry: a file path, or a mapping with the keys in SOURCE_KEYS."""
+
+
+def _f(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
+    """A config field carrying its help text (and allowed values) once."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- model and data ---
+    base_model: str = _f(EMBEDDED_MODEL, "Base model: `smollm2-135m-instruct` (embedded, works offline), a HF hub id, "
+                         "a local HF model directory, or a .gguf file.")
+    data_path: list[DataSource] = _f([], "Training data: alpaca-format .json/.jsonl files, concatenated; an entry may "
+                                     "be a mapping {path, max_samples, weight} to mix sources.")
+    data_vars: dict[str, str] = _f({}, "Values for `{{placeholders}}` in the data, e.g. `--data_vars.name Aurora`.")
+    output_dir: str = _f("output", "Where the adapter, config.yaml and metrics.jsonl are written.")
+    overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir (its old run files are replaced).")
+    prompt_template: str = _f("auto", "How rows become text: `chat` (the model's own chat template), `alpaca`, "
+                              "`alpaca_short`, or a path to a template .json; `auto` = chat if the model has one, "
+                              "else alpaca.")
+    cutoff_len: int = _f(512, "Maximum tokens per sample; longer samples are truncated (and lose their EOS).")
+    train_on_inputs: bool = _f(False, "Also train on the prompt tokens (default: the loss covers only the response).")
+    add_eos_token: bool = _f(True, "End every response with the EOS token so the model learns to stop.")
+    val_set_size: float = _f(0.05, "Held-out validation rows: a count (>= 1) or a fraction of the rows (< 1); 0 = none.")
+    # --- optimisation (alpaca-lora's names) ---
+    batch_size: int = _f(16, "Global batch size in samples per optimizer step (gradient accumulation = "
+                         "batch_size / micro_batch_size / processes).")
+    micro_batch_size: int = _f(4, "Samples per forward/backward pass on each process.")
+    num_epochs: float = _f(3.0, "Passes over the training rows (fractions allowed).")
+    max_steps: Optional[int] = _f(None, "Stop after this many optimizer steps (overrides num_epochs when reached first).")
+    learning_rate: float = _f(3e-4, "Peak learning rate of AdamW.")
+    lr_scheduler: str = _f("cosine", "Learning-rate decay after warmup.", ("cosine", "linear", "constant"))
+    warmup_steps: Optional[int] = _f(None, "Warmup optimizer steps (overrides warmup_ratio).")
+    warmup_ratio: float = _f(0.05, "Warmup as a fraction of all optimizer steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value; 0 = no clipping.")
+    group_by_length: bool = _f(False, "Draw micro-batches of similar lengths (less padding when packing is off).")
+    packing: bool = _f(True, "Padding-free batches: a micro-batch's samples are concatenated in one row with "
+                       "restarting position ids; attention never crosses samples.")
+    mixed_precision: str = _f("auto", "`auto` (bf16 on GPUs and CPUs that support it, fp16 on older GPUs, else fp32), "
+                              "`no` (fp32), `bf16`, `fp16`. Adapter weights and optimizer state stay fp32.",
+                              ("auto", "no", "bf16", "fp16"))
+    seed: int = _f(42, "Random seed (data order, validation split, adapter init, dropout).")
+    # --- adapter ---
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: float = _f(32, "LoRA alpha; the update is scaled by lora_alpha / lora_r.")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] = _f(["all-linear"], "Modules that get LoRA: names (q_proj,v_proj …) or `all-linear`.")
+    # --- logging and evaluation ---
+    eval_steps: int = _f(50, "Evaluate the validation loss every this many optimizer steps (and at the end).")
+    logging_steps: int = _f(5, "Write a metrics.jsonl line every this many optimizer steps.")
+    report_to: str = _f("none", "Also send metrics to a tracker: `none`, `tensorboard`, `wandb`, … (via Accelerate).")
+    trust_remote_code: bool = _f(False, "Run model code shipped with a hub model (off unless you trust it).")
+
+    # ---------------------------------------------------------------- validation
+    def validate(self, num_processes: int = 1) -> None:
+        if not self.data_path:
+            raise PeftuneError("data_path: give at least one data file (e.g. `--data_path data/alpaca_en_demo.json`)")
+        for name in ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "eval_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise PeftuneError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % (self.micro_batch_size * num_processes):
+            raise PeftuneError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+                f" x processes ({num_processes}) = {self.micro_batch_size * num_processes}")
+        if self.num_epochs <= 0 and not self.max_steps:
+            raise PeftuneError(f"num_epochs: must be > 0, got {self.num_epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise PeftuneError(f"max_steps: must be >= 1, got {self.max_steps}")
+        if self.learning_rate <= 0:
+            raise PeftuneError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        if self.val_set_size < 0 or (self.val_set_size >= 1 and self.val_set_size != int(self.val_set_size)):
+            raise PeftuneError(f"val_set_size: a row count (>= 1) or a fraction (< 1), got {self.val_set_size}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise PeftuneError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.lora_dropout < 1:
+            raise PeftuneError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise PeftuneError(f"{f.name}: must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}"
+                                   + _suggest(str(getattr(self, f.name)), choices))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -------------------------------------------------------------------- parsing
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, typ: Any, value: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, or say clearly why it cannot be."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is Union:  # Optional[X]
+        inner = [a for a in args if a is not type(None)][0]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(key, inner, value)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        out: list = []
+        for item in items:  # comma lists and repeated flags both end up here
+            if isinstance(item, str):
+                out.extend(part.strip() for part in item.split(",") if part.strip())
+            else:
+                out.append(item)
+        return [_coerce(key, args[0], v) for v in out]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PeftuneError(f"{key}: expected a mapping (YAML mapping or `--{key}.NAME VALUE`), got {value!r}")
+        return {str(k): "" if v is None else str(v) for k, v in value.items()}
+    if typ is DataSource:
+        return _coerce_source(key, value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "yes", "1", "on"):
+            return True
+        if str(value).lower() in ("false", "no", "0", "off"):
+            return False
+        raise PeftuneError(f"{key}: expected true or false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise PeftuneError(f"{key}: expected a number, got {value!r}")
+        try:
+            num = float(value)
+        except (TypeError, ValueError):
+            raise PeftuneError(f"{key}: expected a{'n integer' if typ is int else ' number'}, got {value!r}") from None
+        if typ is int:
+            if num != int(num):
+                raise PeftuneError(f"{key}: expected an integer, got {value!r}")
+            return int(num)
+        return num
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise PeftuneError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {typ} for {key}")  # a bug in the schema, not user input
+
+
+def _coerce_source(key: str, value: Any) -> Any:
+    if isinstance(value, str) and value:
+        return value
+    if not isinstance(value, dict):
+        raise PeftuneError(f"{key}: an entry must be a path or a mapping with {', '.join(SOURCE_KEYS)}; got {value!r}")
+    for k in value:
+        if k not in SOURCE_KEYS:
+            raise PeftuneError(f"{key}: unknown key `{k}` in a data source" + _suggest(str(k), SOURCE_KEYS))
+    if not isinstance(value.get("path"), str) or not value["path"]:
+        raise PeftuneError(f"{key}: a data source mapping needs `path`, got {value!r}")
+    out = {"path": value["path"]}
+    if value.get("max_samples") is not None:
+        out["max_samples"] = _coerce(f"{key}.max_samples", int, value["max_samples"])
+        if out["max_samples"] < 1:
+            raise PeftuneError(f"{key}.max_samples: must be >= 1, got {out['max_samples']}")
+    if value.get("weight") is not None:
+        out["weight"] = _coerce(f"{key}.weight", float, value["weight"])
+        if out["weight"] <= 0:
+            raise PeftuneError(f"{key}.weight: must be > 0, got {out['weight']}")
+    return out
+
+
+def parse_overrides(argv: list[str], cls=TrainConfig) -> dict[str, Any]:
+    """`--key value`, `--key=value`, `--dict.name value`, repeated flags for lists, bare `--flag` for booleans."""
+    types = _field_types(cls)
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise PeftuneError(f"unexpected argument {arg!r}: options look like `--key value`")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        top, _, sub = key.partition(".")
+        if top not in types:
+            raise PeftuneError(f"unknown option --{key}" + _suggest(top, types))
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if types[top] is bool and (nxt is None or nxt.startswith("--")):
+                value = "true"
+            elif nxt is None:
+                raise PeftuneError(f"--{key}: needs a value")
+            else:
+                value, i = nxt, i + 1
+        i += 1
+        if sub:
+            if typing.get_origin(types[top]) is not dict:
+                raise PeftuneError(f"--{key}: {top} has no sub-keys")
+            out.setdefault(top, {})[sub] = value
+        elif typing.get_origin(types[top]) is list:
+            out.setdefault(top, []).append(value)
+        else:
+            out[top] = value
+    return out
+
+
+def load_config(path: Optional[str], overrides: dict[str, Any], cls=TrainConfig):
+    """YAML file (optional), then command-line overrides; unknown keys and bad values are PeftuneErrors."""
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                raw = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise PeftuneError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise PeftuneError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise PeftuneError(f"{path}: expected a mapping of config keys at the top level")
+        base = os.path.dirname(os.path.abspath(path))
+        raw = dict(raw)
+        if "data_path" in raw:  # data paths in a YAML file are relative to that file, like includes
+            items = raw["data_path"] if isinstance(raw["data_path"], list) else [raw["data_path"]]
+            raw["data_path"] = [{**p, "path": _relative_to(base, p.get("path"))} if isinstance(p, dict)
+                                else _relative_to(base, p) for p in items]
+    types = _field_types(cls)
+    merged: dict[str, Any] = {}
+    for source, values in ((path or "config", raw), ("command line", overrides)):
+        for key, value in values.items():
+            if key not in types:
+                raise PeftuneError(f"{source}: unknown key `{key}`" + _suggest(key, types))
+            if typing.get_origin(types[key]) is dict and isinstance(value, dict):
+                value = {**merged.get(key, {}), **value}  # --data_vars.name adds to the YAML's data_vars
+            merged[key] = _coerce(key, types[key], value)
+    return cls(**merged)
+
+
+def _relative_to(base: str, p: Any) -> Any:
+    if isinstance(p, str) and not os.path.isabs(p) and not os.path.exists(p):
+        candidate = os.path.join(base, p)
+        if os.path.exists(candidate):
+            return candidate
+    return p
+
+
+def save_config(cfg, path: str) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def help_text(cls=TrainConfig) -> str:
+    lines = []
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        typ = getattr(types[f.name], "__name__", str(types[f.name]).replace("typing.", ""))
+        lines.append(f"  --{f.name} ({typ}, default: {default!r})\n      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def markdown_docs(cls=TrainConfig) -> str:
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        rows.append(f"| `{f.name}` | `{default!r}` | {f.metadata['help'].replace('|', '/')} |")
+    return ("# Training configuration\n\nGenerated from `src/peftune/config.py` by `peftune docs`; every key works in a "
+            "YAML config and as `--key value` on the command line.\n\n" + "\n".join(rows) + "\n")

@@ -1,0 +1,180 @@
+"""Conversation rows → `input_ids` + `labels` with exact masks.
+
+A template turns a conversation into text segments, each either prompt (no loss) or response (loss). Segments
+are tokenized one by one, so a response's tokens are exactly those the model generates after the prompt at
+inference time, and the mask is exact at token level. Labels are built explicitly, never derived from
+`pad_token_id`, so the EOS is supervised even where pad and EOS share an id (transformers #23530).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+
+from ..errors import PeftuneError
+
+IGNORE = -100
+BUILTIN = ("alpaca", "alpaca_short")
+
+
+@dataclass
+class Segment:
+    text: str
+    trained: bool  # a response: the loss covers it
+
+
+class FileTemplate:
+    """A template stored as data (alpaca-lora's JSON layout, extended with optional multi-turn/system keys)."""
+
+    def __init__(self, name: str, spec: dict) -> None:
+        for key in ("prompt_input", "prompt_no_input"):
+            if not isinstance(spec.get(key), str):
+                raise PeftuneError(f"prompt template {name}: missing string field `{key}`")
+        self.name, self.spec = name, spec
+
+    def _user(self, msg: dict, first: bool) -> str:
+        kind = "prompt" if first else "turn"
+        instruction = msg.get("instruction", msg["content"])
+        extra = msg.get("input", "")
+        key = f"{kind}_input" if extra else f"{kind}_no_input"
+        fmt = self.spec.get(key) or self.spec[f"prompt_{'input' if extra else 'no_input'}"]
+        return fmt.format(instruction=instruction, input=extra)
+
+    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[Segment]:
+        out: list[Segment] = []
+        prompt = ""
+        first = True
+        for msg in messages:
+            if msg["role"] == "system":
+                prompt += self.spec.get("system", "{system}\n\n").format(system=msg["content"])
+            elif msg["role"] == "user":
+                if not first:
+                    prompt += self.spec.get("turn_separator", "")
+                prompt += self._user(msg, first)
+                first = False
+            elif msg["role"] == "assistant":
+                out += [Segment(prompt, False), Segment(msg["content"], True)]
+                prompt = ""
+            else:
+                raise PeftuneError(f"prompt template {self.name}: cannot render role `{msg['role']}`")
+        if prompt:
+            out.append(Segment(prompt, False))
+        return out
+
+
+class ChatTemplate:
+    """The model's own chat template (tokenizer.apply_chat_template), split into segments by rendering each
+    prefix of the conversation: the text an assistant turn adds is its response segment."""
+
+    name = "chat"
+
+    def __init__(self, tokenizer) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise PeftuneError("prompt_template chat: this model's tokenizer has no chat template; "
+                               "use --prompt_template alpaca")
+        self.tokenizer = tokenizer
+        self.end_markers = [t for t in {tokenizer.eos_token} if t]
+
+    def _render(self, messages: list[dict], gen: bool) -> str:
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=gen)
+
+    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[Segment]:
+        out: list[Segment] = []
+        done = ""
+        for i, msg in enumerate(messages):
+            if msg["role"] != "assistant":
+                continue
+            before = self._render(messages[:i], True)
+            after = self._render(messages[: i + 1], False)
+            if not before.startswith(done) or not after.startswith(before):
+                raise PeftuneError("prompt_template chat: this model's chat template does not render a conversation "
+                                   "as a growing prefix, so the response cannot be masked exactly; "
+                                   "use --prompt_template alpaca")
+            response = after[len(before):]
+            tail = ""
+            cut = max((response.rfind(m) + len(m) for m in self.end_markers if m in response), default=-1)
+            if cut > 0:  # what follows the end-of-turn marker (a newline) belongs to the next prompt
+                response, tail = response[:cut], response[cut:]
+            out += [Segment(before[len(done):], False), Segment(response, True)]
+            done = after[: len(after) - len(tail)]
+        if add_generation_prompt:
+            rest = self._render(messages, True)
+            out.append(Segment(rest[len(done):], False))
+        return [s for s in out if s.text or s.trained]
+
+
+def get_template(name: str, tokenizer):
+    if name == "auto":
+        name = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    if name == "chat":
+        return ChatTemplate(tokenizer)
+    if name in BUILTIN:
+        spec = json.loads(resources.files("peftune.data").joinpath(f"templates/{name}.json").read_text("utf-8"))
+        return FileTemplate(name, spec)
+    if name.endswith(".json") and os.path.isfile(name):
+        try:
+            with open(name, encoding="utf-8") as fh:
+                return FileTemplate(name, json.load(fh))
+        except json.JSONDecodeError as e:
+            raise PeftuneError(f"{name}: invalid JSON in prompt template: {e}") from None
+    raise PeftuneError(f"prompt_template {name!r}: not `auto`, `chat`, {', '.join(BUILTIN)} or a template .json file")
+
+
+class Renderer:
+    """Tokenizes conversation rows with a template into training samples."""
+
+    def __init__(self, tokenizer, template, cutoff_len: int, train_on_inputs: bool = False,
+                 add_eos_token: bool = True) -> None:
+        self.tok, self.template = tokenizer, template
+        self.cutoff_len, self.train_on_inputs, self.add_eos_token = cutoff_len, train_on_inputs, add_eos_token
+        self.eos_id = tokenizer.eos_token_id
+        with_special = tokenizer("a").input_ids
+        without = tokenizer("a", add_special_tokens=False).input_ids
+        # what the tokenizer puts before text on its own (BOS for LLaMA); chat templates write their own
+        self.prefix_ids = [] if isinstance(template, ChatTemplate) else with_special[: max(0, len(with_special) - len(without))]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False).input_ids if text else []
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation ending in a user turn, ready for generation."""
+        ids = list(self.prefix_ids)
+        for seg in self.template.segments(messages, add_generation_prompt=True):
+            ids += self.encode(seg.text)
+        return ids
+
+    def render(self, row: dict) -> dict:
+        input_ids, labels = list(self.prefix_ids), [IGNORE] * len(self.prefix_ids)
+        for seg in self.template.segments(row["messages"]):
+            ids = self.encode(seg.text)
+            if seg.trained and self.add_eos_token and self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+                ids.append(self.eos_id)
+            input_ids += ids
+            labels += ids if (seg.trained or self.train_on_inputs) else [IGNORE] * len(ids)
+        truncated = len(input_ids) > self.cutoff_len
+        # A truncated sample keeps no EOS at its cut: it must not learn to stop mid-answer.
+        return {"input_ids": input_ids[: self.cutoff_len], "labels": labels[: self.cutoff_len],
+                "truncated": truncated, "source": row.get("source"), "row": row.get("row")}
+
+    def render_all(self, rows: list[dict], warn=print) -> list[dict]:
+        samples, empty = [], []
+        for row in rows:
+            sample = self.render(row)
+            if any(label != IGNORE for label in sample["labels"]):
+                samples.append(sample)
+            else:
+                empty.append(f"{row.get('source')}:{row.get('row')}")
+        if not samples:
+            raise PeftuneError(f"cutoff_len {self.cutoff_len} is too small to hold any response: every row's "
+                               f"prompt fills it; raise --cutoff_len")
+        if empty:
+            warn(f"warning: {len(empty)} row(s) have no response token left within cutoff_len {self.cutoff_len} "
+                 f"and are skipped: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
+        truncated = sum(s["truncated"] for s in samples)
+        if truncated:
+            warn(f"warning: {truncated} of {len(samples)} samples are longer than cutoff_len {self.cutoff_len} "
+                 f"and were truncated")
+        return samples

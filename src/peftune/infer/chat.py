@@ -1,0 +1,112 @@
+"""`peftune chat`: base model + adapter, a streaming REPL, or `--prompt` answers (`--json` for scripts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import yaml
+
+from .. import models
+from ..config import EMBEDDED_MODEL
+from ..data.render import Renderer, get_template
+from ..errors import PeftuneError
+
+
+class Chat:
+    def __init__(self, adapter: str | None = None, base_model: str | None = None, prompt_template: str | None = None,
+                 trust_remote_code: bool = False) -> None:
+        run = {}
+        if adapter:
+            if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+                raise PeftuneError(f"--adapter {adapter}: no adapter_config.json there (not a trained adapter dir)")
+            run_config = os.path.join(adapter, "config.yaml")
+            if os.path.isfile(run_config):
+                with open(run_config, encoding="utf-8") as fh:
+                    run = yaml.safe_load(fh) or {}
+            if not base_model and not run.get("base_model"):
+                with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as fh:
+                    base_model = json.load(fh).get("base_model_name_or_path")
+        base_model = base_model or run.get("base_model") or EMBEDDED_MODEL
+        self.tokenizer = models.load_tokenizer(base_model, trust_remote_code)
+        model = models.load_model(base_model, trust_remote_code)
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter)
+        self.model = model.eval()
+        template = get_template(prompt_template or run.get("prompt_template", "auto"), self.tokenizer)
+        self.renderer = Renderer(self.tokenizer, template, cutoff_len=10**9)
+
+    @torch.no_grad()
+    def answer(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.9,
+               repetition_penalty: float = 1.0, stream: bool = False) -> str:
+        from transformers import TextStreamer
+
+        ids = torch.tensor([self.renderer.prompt_ids(messages)])
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  repetition_penalty=repetition_penalty, pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=self.tokenizer.eos_token_id, streamer=streamer, **sampling)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def repl(chat: Chat, system: str | None, **gen) -> None:
+    print("peftune chat — /reset clears the conversation, /exit (or Ctrl-D) leaves.")
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        messages = ([{"role": "system", "content": system}] if system else []) + history + \
+            [{"role": "user", "content": line}]
+        print("assistant> ", end="", flush=True)
+        reply = chat.answer(messages, stream=True, **gen)
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
+
+
+def run(args) -> int:
+    chat = Chat(args.adapter, args.base_model, args.prompt_template, args.trust_remote_code)
+    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+           "repetition_penalty": args.repetition_penalty}
+    if not args.prompt:
+        repl(chat, args.system, **gen)
+        return 0
+    for prompt in args.prompt:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": prompt}]
+        answer = chat.answer(messages, **gen)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False), flush=True)
+        else:
+            print(f"you> {prompt}\nassistant> {answer}\n", flush=True)
+    return 0
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--adapter", help="a directory written by `peftune train` (or any PEFT adapter dir)")
+    p.add_argument("--base_model", help="override the base model named in the adapter's config")
+    p.add_argument("--prompt_template", help="override the prompt template the adapter was trained with")
+    p.add_argument("--prompt", action="append", help="answer this prompt in a fresh conversation and exit "
+                   "(repeatable)")
+    p.add_argument("--json", action="store_true", help='with --prompt: print one {"prompt", "answer"} JSON per line')
+    p.add_argument("--system", help="a system message at the start of each conversation")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling when temperature > 0 (default 0.9)")
+    p.add_argument("--repetition_penalty", type=float, default=1.1, help="> 1 discourages repeats (default 1.1)")
+    p.add_argument("--trust_remote_code", action="store_true", help="run model code shipped with a hub model")

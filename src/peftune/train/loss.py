@@ -1,0 +1,57 @@
+"""Cross-entropy over labelled positions only, in chunks.
+
+Logits are computed only for positions that carry a target, chunk by chunk, and each chunk is recomputed in
+the backward pass (activation checkpointing), so no [tokens x vocabulary] fp32 tensor is ever built. The sum
+(not the mean) is returned: the caller divides by the trained tokens of the whole optimizer step, so gradient
+accumulation weights every token equally (the 2024 transformers accumulation bug averaged per micro-batch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..data.render import IGNORE
+
+CHUNK = 2048  # tokens of logits alive at once
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def lm_loss_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
+                chunk: int = CHUNK) -> torch.Tensor:
+    """Sum of token cross-entropies where targets != IGNORE. hidden: [..., d]; targets: [...]."""
+    keep = targets != IGNORE
+    h, t = hidden[keep], targets[keep]
+    if t.numel() == 0:
+        return hidden.sum() * 0.0  # keeps the graph connected
+    if getattr(lm_head, "bias", None) is not None or type(lm_head) is not torch.nn.Linear:
+        # an adapted or biased head: call the module itself (no chunk recompute)
+        return sum(F.cross_entropy(lm_head(h[i:i + chunk]).float(), t[i:i + chunk], reduction="sum")
+                   for i in range(0, t.numel(), chunk))
+    if t.numel() <= chunk:
+        return _chunk_loss(h, lm_head.weight, t)
+    return sum(checkpoint(_chunk_loss, h[i:i + chunk], lm_head.weight, t[i:i + chunk], use_reentrant=False)
+               for i in range(0, t.numel(), chunk))
+
+
+def causal_lm_parts(model):
+    """(decoder body, output head) of a causal LM, unwrapping PEFT and DDP wrappers."""
+    inner = model
+    while hasattr(inner, "module") and not hasattr(inner, "get_decoder"):
+        inner = inner.module  # DDP
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner.get_decoder(), inner.get_output_embeddings()
+
+
+def forward_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Runs the body without the full logits, then the chunked loss on labelled positions."""
+    body, head = causal_lm_parts(model)
+    kwargs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    hidden = body(**kwargs, use_cache=False).last_hidden_state
+    return lm_loss_sum(hidden, head, batch["targets"])
