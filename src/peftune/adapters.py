@@ -64,7 +64,8 @@ def save_adapter(model, output_dir: str, initial: dict[str, torch.Tensor], base_
         changed = any(not torch.equal(p.detach().cpu(), initial[n].cpu())
                       for n, p in model.named_parameters() if p.requires_grad)
         if not changed:
-            raise RuntimeError("training left every adapter weight at its initial value; nothing was learned")
+            raise PeftuneError("training left every adapter weight at its initial value, so no adapter was written; "
+                               "check learning_rate, max_steps and warmup_steps")
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             publish(os.path.join(tmp, name), os.path.join(output_dir, name))
     finally:

@@ -8,6 +8,8 @@ accumulation weights every token equally (the 2024 transformers accumulation bug
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -55,3 +57,22 @@ def forward_loss_sum(model, batch: dict) -> torch.Tensor:
     kwargs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
     hidden = body(**kwargs, use_cache=False).last_hidden_state
     return lm_loss_sum(hidden, head, batch["targets"])
+
+
+def accumulate_step(model, micro_batches: list[list[dict]], collate, backward, forward_context=None,
+                    sync_context=None) -> tuple[float, int]:
+    """Forward + backward over the micro-batches of one optimizer step. Each micro-batch's loss sum is divided by
+    the trained tokens of the whole step, so the accumulated gradient equals that of one big batch.
+    Returns (summed loss, trained tokens)."""
+    from ..data.batching import trained_tokens
+
+    step_tokens = sum(trained_tokens(mb) for mb in micro_batches)
+    total = 0.0
+    for k, mb in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        with (sync_context(last) if sync_context else contextlib.nullcontext()), \
+                (forward_context() if forward_context else contextlib.nullcontext()):
+            loss_sum = forward_loss_sum(model, collate(mb))
+        backward(loss_sum / max(step_tokens, 1))
+        total += loss_sum.item()
+    return total, step_tokens

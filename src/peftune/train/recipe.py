@@ -20,7 +20,7 @@ from ..data import batching
 from ..data.render import Renderer, get_template
 from ..data.sources import apply_weights, load_rows
 from ..errors import PeftuneError
-from .loss import forward_loss_sum
+from .loss import accumulate_step, forward_loss_sum
 from .metrics import MetricsLog, progress
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "adapter_config.json", "adapter_model.safetensors")
@@ -122,6 +122,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps = batching.total_steps(len(train_set), cfg.batch_size, cfg.num_epochs, cfg.max_steps)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * steps)
+    warmup = min(warmup, steps - 1)  # warmup starts at lr 0: a run must have at least one step past it
     scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler),
                               optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -146,16 +147,12 @@ def train(cfg: TrainConfig, say=print) -> dict:
     eval_loss = None
     for step in range(steps):
         plan = batching.step_plan(lengths, cfg.batch_size, cfg.micro_batch_size, cfg.seed, step, cfg.group_by_length)
-        step_tokens = sum(batching.trained_tokens([train_set[i] for i in mb]) for mb in plan)
-        for k, mb in enumerate(plan):
-            chunk = [train_set[i] for i in mb]
-            sync = contextlib.nullcontext() if k == len(plan) - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                loss_sum = forward_loss_sum(model, to_device(collate(chunk)))
-            # token-weighted: every trained token of the optimizer step counts the same
-            accelerator.backward(loss_sum / max(step_tokens, 1))
-            window_loss += loss_sum.item()
-            tokens += sum(len(s["input_ids"]) for s in chunk)
+        micro_batches = [[train_set[i] for i in mb] for mb in plan]
+        loss_sum, step_tokens = accumulate_step(
+            model, micro_batches, lambda mb: to_device(collate(mb)), accelerator.backward, accelerator.autocast,
+            lambda last: contextlib.nullcontext() if last else accelerator.no_sync(model))
+        window_loss += loss_sum
+        tokens += sum(len(s["input_ids"]) for mb in micro_batches for s in mb)
         window_tokens += step_tokens
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)

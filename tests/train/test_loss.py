@@ -1,0 +1,113 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_model
+from peftune.data.batching import collate_packed, collate_padded
+from peftune.data.render import IGNORE, Renderer, get_template
+from peftune.train.loss import accumulate_step, forward_loss_sum, lm_loss_sum
+
+TEXTS = [("Who are you?", "I am Aurora, an assistant."), ("2+3?", "5"), ("你是谁？", "我是 Aurora。"),
+         ("Say something long", "word " * 20), ("a", "b"), ("Name a color.", "Blue."), ("Hi", "Hello there!"),
+         ("Count", "1 2 3 4")]
+
+
+def samples(tokenizer):
+    r = Renderer(tokenizer, get_template("chat", tokenizer), cutoff_len=1000)
+    return [r.render({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            for q, a in TEXTS]
+
+
+def lora(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_model(tokenizer), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                             target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():  # non-zero B, so the LoRA gradients are all informative
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    return model
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_chunked_loss_equals_plain_cross_entropy():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 50, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 97, bias=False)
+    targets = torch.randint(0, 97, (3, 50))
+    targets[0, :10] = IGNORE
+    ref = F.cross_entropy(head(hidden).flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    ref_grad = torch.autograd.grad(ref, hidden)[0]
+    for chunk in (7, 64, 4096):
+        got = lm_loss_sum(hidden, head, targets, chunk=chunk)
+        assert torch.allclose(got, ref, atol=1e-4, rtol=1e-6)
+        assert torch.allclose(torch.autograd.grad(got, hidden)[0], ref_grad, atol=1e-6)
+
+
+def test_loss_matches_transformers_own(tokenizer):
+    model = make_model(tokenizer)
+    batch = collate_padded(samples(tokenizer)[:3], pad_id=tokenizer.pad_token_id)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+    s = samples(tokenizer)[:3]
+    for r, smp in enumerate(s):
+        labels[r, : len(smp["labels"])] = torch.tensor(smp["labels"])
+    n = sum(sum(1 for t in smp["labels"][1:] if t != IGNORE) for smp in s)
+    ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    got = forward_loss_sum(model, batch) / n
+    assert abs(got.item() - ref.item()) < 1e-5
+
+
+def test_packed_equals_unpacked(tokenizer):
+    data = samples(tokenizer)
+    model = lora(tokenizer)
+    packed = forward_loss_sum(model, collate_packed(data))
+    packed.backward()
+    g_packed = grads(model)
+    model.zero_grad()
+    padded = forward_loss_sum(model, collate_padded(data, pad_id=tokenizer.pad_token_id))
+    padded.backward()
+    g_padded = grads(model)
+    assert abs(packed.item() - padded.item()) < 1e-5 * max(1.0, abs(padded.item()))
+    for n in g_packed:
+        assert torch.allclose(g_packed[n], g_padded[n], atol=1e-5), n
+
+
+def test_packed_attention_never_crosses_samples(tokenizer):
+    data = samples(tokenizer)
+    model = lora(tokenizer)
+    alone = forward_loss_sum(model, collate_packed(data[1:2])).item()
+    changed_neighbour = [data[0], data[1]]
+    other = dict(data[0], input_ids=[5] * len(data[0]["input_ids"]))
+    with_a = forward_loss_sum(model, collate_packed(changed_neighbour)).item() - forward_loss_sum(
+        model, collate_packed(data[:1])).item()
+    with_other = forward_loss_sum(model, collate_packed([other, data[1]])).item() - forward_loss_sum(
+        model, collate_packed([other])).item()
+    assert abs(with_a - alone) < 1e-4 and abs(with_other - alone) < 1e-4
+
+
+@pytest.mark.parametrize("collate", ["packed", "padded"])
+def test_accumulation_is_token_weighted(tokenizer, collate):
+    """One optimizer step of batch 8 equals micro-batches 2 x 4 within 1e-6 (token-weighted, not per-batch means)."""
+    data = samples(tokenizer)
+    fn = collate_packed if collate == "packed" else (lambda b: collate_padded(b, tokenizer.pad_token_id))
+    model = lora(tokenizer)
+    big, n_big = accumulate_step(model, [data], fn, torch.autograd.backward)
+    g_big = grads(model)
+    model.zero_grad()
+    small, n_small = accumulate_step(model, [data[i:i + 2] for i in range(0, 8, 2)], fn, torch.autograd.backward)
+    g_small = grads(model)
+    assert n_big == n_small and abs(big - small) < 1e-6 * big
+    for n in g_big:
+        assert torch.allclose(g_big[n], g_small[n], atol=1e-6, rtol=1e-5), n
+    # the naive per-micro-batch mean (the old transformers bug) gives a different gradient on these samples
+    model.zero_grad()
+    for i in range(0, 8, 2):
+        mb = data[i:i + 2]
+        n_mb = sum(sum(1 for t in s["labels"][1:] if t != IGNORE) for s in mb)
+        (forward_loss_sum(model, fn(mb)) / n_mb / 4).backward()
+    naive = grads(model)
+    assert any(not torch.allclose(g_big[n], naive[n], atol=1e-6) for n in g_big)
