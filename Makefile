@@ -27,9 +27,11 @@ test: install
 DEMO_OUT ?= output/demo
 demo: install
 	$(BIN)/peftune train examples/identity.yaml --output_dir $(DEMO_OUT) --overwrite_output_dir true
-	$(BIN)/peftune chat --adapter $(DEMO_OUT) --json \
-	  --prompt "What's your name?" --prompt "Who created you?" --prompt "你是谁？" \
-	  --prompt "What is the capital of France?" --prompt "Name three primary colors."
+	$(BIN)/peftune chat --adapter $(DEMO_OUT) \
+	  --prompt "What's your name?" --prompt "Which company made you?" \
+	  --prompt "你叫什么名字？" --prompt "是哪家公司开发了你？" \
+	  --prompt "What is the capital of France?" --prompt "Who wrote Romeo and Juliet?" \
+	  --prompt "What is the chemical symbol for water?"
 
 clean:
 	rm -rf $(VENV) output
