@@ -15,7 +15,11 @@ import yaml
 from .errors import PeftuneError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
-SOURCE_KEYS = {"path": "the data file", "max_samples": "use at most this many rows of it (a seeded random choice)",
+FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion", "text")
+SOURCE_KEYS = {"path": "a data file (.json, .jsonl, .csv, .parquet), a `save_to_disk` directory, or a hub dataset id",
+               "format": "alpaca, sharegpt, openai, prompt_completion or text (detected when not given)",
+               "columns": "your field names for ours, e.g. {instruction: question, output: answer}",
+               "max_samples": "use at most this many rows of it (a seeded random choice)",
                "weight": "repeat its training rows this many times (fractions allowed: 1.5 = all once, half twice)"}
 
 
@@ -36,16 +40,23 @@ class TrainConfig:
     # --- model and data ---
     base_model: str = _f(EMBEDDED_MODEL, "Base model: `smollm2-135m-instruct` (embedded, works offline), a HF hub id, "
                          "a local HF model directory, or a .gguf file.")
-    data_path: list[DataSource] = _f([], "Training data: alpaca-format .json/.jsonl files, concatenated; an entry may "
-                                     "be a mapping {path, max_samples, weight} to mix sources.")
+    data_path: list[DataSource] = _f([], "Training data: files (.json, .jsonl, .csv, .parquet), `save_to_disk` "
+                                     "directories or hub dataset ids, concatenated; formats alpaca, sharegpt, openai, "
+                                     "prompt_completion, text are detected. An entry may be a mapping {path, format, "
+                                     "columns, max_samples, weight} to map fields and mix sources.")
+    val_data_path: list[DataSource] = _f([], "Validation data of its own (same forms as data_path); when given, "
+                                         "val_set_size is not drawn from the training data.")
+    skip_bad_rows: bool = _f(False, "Skip invalid rows (reporting how many and which) instead of stopping.")
     data_vars: dict[str, str] = _f({}, "Values for `{{placeholders}}` in the data, e.g. `--data_vars.name Aurora`.")
     output_dir: str = _f("output", "Where the adapter, config.yaml and metrics.jsonl are written.")
     overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir (its old run files are replaced).")
     prompt_template: str = _f("auto", "How rows become text: `chat` (the model's own chat template), `alpaca`, "
                               "`alpaca_short`, or a path to a template .json; `auto` = chat if the model has one, "
                               "else alpaca.")
-    cutoff_len: int = _f(512, "Maximum tokens per sample; longer samples are truncated (and lose their EOS).")
-    train_on_inputs: bool = _f(False, "Also train on the prompt tokens (default: the loss covers only the response).")
+    cutoff_len: int = _f(512, "Maximum tokens per sample; longer conversations are truncated (and lose their EOS); "
+                         "plain text is cut into cutoff_len pieces.")
+    train_on_inputs: bool = _f(False, "Also train on the prompt tokens (default: the loss covers only the responses).")
+    mask_history: bool = _f(False, "In multi-turn conversations train on the last assistant turn only.")
     add_eos_token: bool = _f(True, "End every response with the EOS token so the model learns to stop.")
     val_set_size: float = _f(0.05, "Held-out validation rows: a count (>= 1) or a fraction of the rows (< 1); 0 = none.")
     # --- optimisation (alpaca-lora's names) ---
@@ -183,6 +194,16 @@ def _coerce_source(key: str, value: Any) -> Any:
     if not isinstance(value.get("path"), str) or not value["path"]:
         raise PeftuneError(f"{key}: a data source mapping needs `path`, got {value!r}")
     out = {"path": value["path"]}
+    if value.get("format") is not None:
+        if value["format"] not in FORMATS:
+            raise PeftuneError(f"{key}.format: must be one of {', '.join(FORMATS)}; got {value['format']!r}"
+                               + _suggest(str(value["format"]), FORMATS))
+        out["format"] = value["format"]
+    if value.get("columns") is not None:
+        if not isinstance(value["columns"], dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value["columns"].items()):
+            raise PeftuneError(f"{key}.columns: a mapping of our field names to yours, got {value['columns']!r}")
+        out["columns"] = dict(value["columns"])
     if value.get("max_samples") is not None:
         out["max_samples"] = _coerce(f"{key}.max_samples", int, value["max_samples"])
         if out["max_samples"] < 1:
@@ -243,9 +264,11 @@ def load_config(path: Optional[str], overrides: dict[str, Any], cls=TrainConfig)
             raise PeftuneError(f"{path}: expected a mapping of config keys at the top level")
         base = os.path.dirname(os.path.abspath(path))
         raw = dict(raw)
-        if "data_path" in raw:  # data paths in a YAML file are relative to that file, like includes
-            items = raw["data_path"] if isinstance(raw["data_path"], list) else [raw["data_path"]]
-            raw["data_path"] = [{**p, "path": _relative_to(base, p.get("path"))} if isinstance(p, dict)
+        for key in ("data_path", "val_data_path"):  # data paths in a YAML file are relative to that file
+            if key not in raw:
+                continue
+            items = raw[key] if isinstance(raw[key], list) else [raw[key]]
+            raw[key] = [{**p, "path": _relative_to(base, p.get("path"))} if isinstance(p, dict)
                                 else _relative_to(base, p) for p in items]
     types = _field_types(cls)
     merged: dict[str, Any] = {}

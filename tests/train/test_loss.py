@@ -14,7 +14,7 @@ TEXTS = [("Who are you?", "I am Aurora, an assistant."), ("2+3?", "5"), ("你是
 
 def samples(tokenizer):
     r = Renderer(tokenizer, get_template("chat", tokenizer), cutoff_len=1000)
-    return [r.render({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return [r.render({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})[0]
             for q, a in TEXTS]
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from ..errors import PeftuneError
+from .formats import RowError, RowErrors
 
 IGNORE = -100
 BUILTIN = ("alpaca", "alpaca_short")
@@ -42,7 +43,10 @@ class FileTemplate:
         fmt = self.spec.get(key) or self.spec[f"prompt_{'input' if extra else 'no_input'}"]
         return fmt.format(instruction=instruction, input=extra)
 
-    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[Segment]:
+    def segments(self, messages: list[dict], add_generation_prompt: bool = False, tools=None) -> list[Segment]:
+        if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            raise RowError(f"prompt template {self.name} cannot render tool calls; use a model whose chat template "
+                           "supports tools with --prompt_template chat")
         out: list[Segment] = []
         prompt = ""
         first = True
@@ -76,19 +80,25 @@ class ChatTemplate:
                                "use --prompt_template alpaca")
         self.tokenizer = tokenizer
         self.end_markers = [t for t in {tokenizer.eos_token} if t]
+        source = tokenizer.chat_template
+        source = " ".join(source.values()) if isinstance(source, dict) else str(source)
+        self.supports_tools = "tool" in source
 
-    def _render(self, messages: list[dict], gen: bool) -> str:
-        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=gen)
+    def _render(self, messages: list[dict], gen: bool, tools=None) -> str:
+        keep = ("role", "content", "tool_calls", "name", "tool_call_id")
+        plain = [{k: m[k] for k in keep if k in m} for m in messages]
+        return self.tokenizer.apply_chat_template(plain, tools=tools, tokenize=False, add_generation_prompt=gen)
 
-    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[Segment]:
+    def segments(self, messages: list[dict], add_generation_prompt: bool = False, tools=None) -> list[Segment]:
+        if not self.supports_tools and (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)):
+            raise RowError("this row has tools or tool calls, but the model's chat template does not support tools")
         out: list[Segment] = []
         done = ""
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
-            before = self._render(messages[:i], True)
-            after = self._render(messages[: i + 1], False)
+            before = self._render(messages[:i], True, tools)
+            after = self._render(messages[: i + 1], False, tools)
             if not before.startswith(done) or not after.startswith(before):
                 raise PeftuneError("prompt_template chat: this model's chat template does not render a conversation "
                                    "as a growing prefix, so the response cannot be masked exactly; "
@@ -101,7 +111,7 @@ class ChatTemplate:
             out += [Segment(before[len(done):], False), Segment(response, True)]
             done = after[: len(after) - len(tail)]
         if add_generation_prompt:
-            rest = self._render(messages, True)
+            rest = self._render(messages, True, tools)
             out.append(Segment(rest[len(done):], False))
         return [s for s in out if s.text or s.trained]
 
@@ -124,49 +134,68 @@ def get_template(name: str, tokenizer):
 
 
 class Renderer:
-    """Tokenizes conversation rows with a template into training samples."""
+    """Tokenizes rows with a template into training samples."""
 
     def __init__(self, tokenizer, template, cutoff_len: int, train_on_inputs: bool = False,
-                 add_eos_token: bool = True) -> None:
+                 add_eos_token: bool = True, mask_history: bool = False) -> None:
         self.tok, self.template = tokenizer, template
         self.cutoff_len, self.train_on_inputs, self.add_eos_token = cutoff_len, train_on_inputs, add_eos_token
+        self.mask_history = mask_history
         self.eos_id = tokenizer.eos_token_id
         with_special = tokenizer("a").input_ids
         without = tokenizer("a", add_special_tokens=False).input_ids
         # what the tokenizer puts before text on its own (BOS for LLaMA); chat templates write their own
-        self.prefix_ids = [] if isinstance(template, ChatTemplate) else with_special[: max(0, len(with_special) - len(without))]
+        self.text_prefix = with_special[: max(0, len(with_special) - len(without))]
+        self.prefix_ids = [] if isinstance(template, ChatTemplate) else self.text_prefix
 
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids if text else []
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
+    def prompt_ids(self, messages: list[dict], tools=None) -> list[int]:
         """Token ids of a conversation ending in a user turn, ready for generation."""
         ids = list(self.prefix_ids)
-        for seg in self.template.segments(messages, add_generation_prompt=True):
+        for seg in self.template.segments(messages, add_generation_prompt=True, tools=tools):
             ids += self.encode(seg.text)
         return ids
 
-    def render(self, row: dict) -> dict:
+    def render(self, row: dict) -> list[dict]:
+        """One row → samples: one per conversation; plain text is cut into cutoff_len pieces (none dropped)."""
+        meta = {"source": row.get("source"), "row": row.get("row")}
+        if "text" in row:
+            ids = self.text_prefix + self.encode(row["text"]) + ([self.eos_id] if self.add_eos_token else [])
+            return [{"input_ids": ids[k:k + self.cutoff_len], "labels": ids[k:k + self.cutoff_len],
+                     "truncated": False, "full_length": len(ids), **meta}
+                    for k in range(0, len(ids), self.cutoff_len) if len(ids[k:k + self.cutoff_len]) > 1]
+        segments = self.template.segments(row["messages"], tools=row.get("tools"))
+        last = max((k for k, seg in enumerate(segments) if seg.trained), default=-1)
         input_ids, labels = list(self.prefix_ids), [IGNORE] * len(self.prefix_ids)
-        for seg in self.template.segments(row["messages"]):
+        for k, seg in enumerate(segments):
             ids = self.encode(seg.text)
             if seg.trained and self.add_eos_token and self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
                 ids.append(self.eos_id)
+            trained = self.train_on_inputs or (seg.trained and (k == last or not self.mask_history))
             input_ids += ids
-            labels += ids if (seg.trained or self.train_on_inputs) else [IGNORE] * len(ids)
-        truncated = len(input_ids) > self.cutoff_len
+            labels += ids if trained else [IGNORE] * len(ids)
         # A truncated sample keeps no EOS at its cut: it must not learn to stop mid-answer.
-        return {"input_ids": input_ids[: self.cutoff_len], "labels": labels[: self.cutoff_len],
-                "truncated": truncated, "source": row.get("source"), "row": row.get("row")}
+        return [{"input_ids": input_ids[: self.cutoff_len], "labels": labels[: self.cutoff_len],
+                 "truncated": len(input_ids) > self.cutoff_len, "full_length": len(input_ids), **meta}]
 
-    def render_all(self, rows: list[dict], warn=print) -> list[dict]:
-        samples, empty = [], []
+    def render_all(self, rows: list[dict], warn=print, skip_bad_rows: bool = False) -> list[dict]:
+        samples, empty, errors = [], [], RowErrors()
         for row in rows:
-            sample = self.render(row)
-            if any(label != IGNORE for label in sample["labels"]):
-                samples.append(sample)
-            else:
+            try:
+                rendered = self.render(row)
+            except RowError as e:
+                errors.add(row.get("source"), row.get("row"), str(e))
+                continue
+            kept = [s for s in rendered if any(label != IGNORE for label in s["labels"])]
+            samples += kept
+            if not kept:
                 empty.append(f"{row.get('source')}:{row.get('row')}")
+        if errors.items and not skip_bad_rows:
+            errors.raise_if_any()
+        if errors.items:
+            warn(f"warning: skipped {errors.summary()}")
         if not samples:
             raise PeftuneError(f"cutoff_len {self.cutoff_len} is too small to hold any response: every row's "
                                f"prompt fills it; raise --cutoff_len")

@@ -98,14 +98,18 @@ def train(cfg: TrainConfig, say=print) -> dict:
         raise PeftuneError("multi-process training is not supported yet; run one process")
     main = accelerator.is_main_process
     # 1. data: read and validate everything before a byte is written to output_dir
-    rows = load_rows(cfg.data_path, cfg.data_vars, cfg.seed)
-    train_rows, val_rows = split_validation(rows, cfg.val_set_size, cfg.seed)
+    rows = load_rows(cfg.data_path, cfg.data_vars, cfg.seed, cfg.skip_bad_rows, warn=say)
+    if cfg.val_data_path:
+        train_rows = rows
+        val_rows = load_rows(cfg.val_data_path, cfg.data_vars, cfg.seed, cfg.skip_bad_rows, warn=say)
+    else:
+        train_rows, val_rows = split_validation(rows, cfg.val_set_size, cfg.seed)
     train_rows = apply_weights(train_rows, cfg.seed)
     tokenizer = models.load_tokenizer(cfg.base_model, cfg.trust_remote_code)
     renderer = Renderer(tokenizer, get_template(cfg.prompt_template, tokenizer), cfg.cutoff_len,
-                        cfg.train_on_inputs, cfg.add_eos_token)
-    train_set = renderer.render_all(train_rows, warn=say)
-    val_set = renderer.render_all(val_rows, warn=say) if val_rows else []
+                        cfg.train_on_inputs, cfg.add_eos_token, cfg.mask_history)
+    train_set = renderer.render_all(train_rows, warn=say, skip_bad_rows=cfg.skip_bad_rows)
+    val_set = renderer.render_all(val_rows, warn=say, skip_bad_rows=cfg.skip_bad_rows) if val_rows else []
     prepare_output_dir(cfg)
     if main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
