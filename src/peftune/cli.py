@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -13,6 +14,8 @@ USAGE = """usage: peftune <command> [options]
 commands:
   train [CONFIG.yaml] [--key value ...]   fine-tune an adapter (peftune train --help lists every key)
   chat --adapter DIR [options]            talk to the base model + adapter (peftune chat --help)
+  data inspect PATH... [options]          validate and tokenize data as training would, and report
+                                          (--json, --show K, --plot FILE.png, --format F, any train key)
   docs [FILE]                             write the config reference (docs/config.md)
 """
 
@@ -56,6 +59,51 @@ def cmd_chat(argv: list[str]) -> int:
     return chat.run(args)
 
 
+def cmd_data(argv: list[str]) -> int:
+    from .config import TrainConfig, load_config, parse_overrides
+
+    if not argv or argv[0] != "inspect" or any(a in ("-h", "--help") for a in argv):
+        print("usage: peftune data inspect PATH... [--json] [--show K] [--plot FILE.png] [--format F]\n"
+              "                            [--base_model M] [--cutoff_len N] [--prompt_template T] [--data_vars.X V] ...")
+        return 0 if argv and argv[0] == "inspect" else 2
+    rest = argv[1:]
+    paths = []
+    while rest and not rest[0].startswith("--"):
+        paths.append(rest.pop(0))
+    if not paths:
+        raise PeftuneError("data inspect: give at least one data file")
+    opts: dict = {"json": False, "show": 0, "plot": None, "format": None}
+    passthrough = []
+    while rest:
+        arg = rest.pop(0)
+        name = arg[2:].split("=", 1)[0]
+        if name == "json":
+            opts["json"] = True
+        elif name in ("show", "plot", "format"):
+            value = arg.split("=", 1)[1] if "=" in arg else (rest.pop(0) if rest else None)
+            if value is None:
+                raise PeftuneError(f"--{name}: needs a value")
+            opts[name] = value
+        else:
+            passthrough.append(arg)
+    try:
+        show = int(opts["show"])
+    except ValueError:
+        raise PeftuneError(f"--show: expected a number of samples, got {opts['show']!r}") from None
+    sources = [{"path": p, "format": opts["format"]} if opts["format"] else p for p in paths]
+    cfg = load_config(None, {**parse_overrides(passthrough), "data_path": sources})
+    _quiet_libraries()
+    from .data.inspect import format_report, inspect
+
+    say = (lambda msg: print(msg, file=sys.stderr)) if opts["json"] else print
+    result = inspect(cfg, show=show, plot=opts["plot"], say=say)
+    if opts["json"]:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(format_report(result))
+    return 0
+
+
 def cmd_docs(argv: list[str]) -> int:
     from .config import markdown_docs
     from .io import atomic_write_text
@@ -66,7 +114,7 @@ def cmd_docs(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "chat": cmd_chat, "docs": cmd_docs}
+COMMANDS = {"train": cmd_train, "chat": cmd_chat, "data": cmd_data, "docs": cmd_docs}
 
 
 def main(argv: list[str] | None = None) -> int:
