@@ -93,3 +93,18 @@ def test_missing_base_model_and_adapter(tmp_path, data_file, capsys):
     assert "no such file or directory" in capsys.readouterr().err
     assert cli.main(["chat", "--adapter", str(tmp_path), "--prompt", "hi"]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_mixture_of_formats_trains(tiny_model_dir, tmp_path):
+    share = tmp_path / "chat.jsonl"
+    share.write_text("\n".join(json.dumps({"conversations": [{"from": "human", "value": f"q{i}"},
+                                                             {"from": "gpt", "value": f"a{i}"}]}) for i in range(6)))
+    text = tmp_path / "c4.jsonl"
+    text.write_text("\n".join(json.dumps({"text": "some plain text " * 20}) for _ in range(3)))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data_path:\n  - {share}\n  - {{path: {text}, max_samples: 2}}\nval_data_path: [{share}]\n")
+    out = tmp_path / "run"
+    assert cli.main(["train", str(config), "--base_model", tiny_model_dir, "--output_dir", str(out),
+                     "--batch_size", "4", "--micro_batch_size", "2", "--cutoff_len", "128", "--max_steps", "2"]) == 0
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert records[-1]["step"] == 2 and "eval_loss" in records[-1]
