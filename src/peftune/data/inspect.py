@@ -25,9 +25,13 @@ def _row_key(row: dict) -> str:
     return json.dumps(row.get("text") or row.get("messages"), sort_keys=True, ensure_ascii=False)
 
 
+def row_lengths(samples: list[dict]) -> list[int]:
+    """One length per row: a plain-text document cut into pieces counts once, at its full length."""
+    return list({(s["source"], s["row"]): s["full_length"] for s in samples}.values())
+
+
 def stats(rows: list[dict], samples: list[dict], fmt: str, bad_rows: int) -> dict:
-    # one length per row: a plain-text document cut into pieces counts once, at its full length
-    lengths = sorted({(s["source"], s["row"]): s["full_length"] for s in samples}.values())
+    lengths = sorted(row_lengths(samples))
     total = sum(len(s["input_ids"]) for s in samples)
     trained = sum(1 for s in samples for t in s["labels"][1:] if t != IGNORE)
     keys = [_row_key(r) for r in rows]
@@ -84,8 +88,7 @@ def inspect(cfg: TrainConfig, show: int = 0, plot: str | None = None, say=print)
                 + (" (truncated)" if s["truncated"] else ""))
             say(marked_text(tokenizer, s, color) + "\n")
     if plot:
-        save_histogram(list({(s["source"], s["row"]): s["full_length"] for s in all_samples}.values()),
-                       cfg.cutoff_len, plot)
+        save_histogram(row_lengths(all_samples), cfg.cutoff_len, plot)
     return result
 
 
