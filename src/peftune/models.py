@@ -123,3 +123,4 @@ def load_model(base_model: str, trust_remote_code: bool = False, dtype=None):
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+

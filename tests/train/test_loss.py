@@ -111,3 +111,23 @@ def test_accumulation_is_token_weighted(tokenizer, collate):
         (forward_loss_sum(model, fn(mb)) / n_mb / 4).backward()
     naive = grads(model)
     assert any(not torch.allclose(g_big[n], naive[n], atol=1e-6) for n in g_big)
+
+
+def test_packed_attention_equals_block_masked_sdpa(tokenizer):
+    from peftune.train.attention import use_packed_attention
+
+    data = samples(tokenizer)
+    model = lora(tokenizer)
+    ref = forward_loss_sum(model, collate_packed(data))
+    ref.backward()
+    g_ref = grads(model)
+    model.zero_grad()
+    assert use_packed_attention(model.get_base_model())
+    got = forward_loss_sum(model, collate_packed(data))
+    got.backward()
+    assert abs(got.item() - ref.item()) < 1e-5 * abs(ref.item())
+    for n, g in grads(model).items():
+        assert torch.allclose(g, g_ref[n], atol=1e-6), n
+    # padded batches (an attention mask) take the plain SDPA path and still agree
+    padded = forward_loss_sum(model, collate_padded(data, pad_id=tokenizer.pad_token_id))
+    assert abs(padded.item() - ref.item()) < 1e-5 * abs(ref.item())

@@ -20,6 +20,7 @@ from ..data import batching
 from ..data.render import Renderer, get_template
 from ..data.sources import apply_weights, load_rows
 from ..errors import PeftuneError
+from .attention import use_packed_attention
 from .loss import accumulate_step, forward_loss_sum
 from .metrics import MetricsLog, progress
 
@@ -74,7 +75,7 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
     precision = resolve_precision(cfg.mixed_precision)
-    return Accelerator(mixed_precision=precision, log_with=None if cfg.report_to == "none" else cfg.report_to)
+    return precision, Accelerator(mixed_precision=precision, log_with=None if cfg.report_to == "none" else cfg.report_to)
 
 
 @torch.no_grad()
@@ -92,7 +93,7 @@ def evaluate(model, samples: list[dict], micro_batch_size: int, collate) -> floa
 def train(cfg: TrainConfig, say=print) -> dict:
     from transformers import get_scheduler, set_seed
 
-    accelerator = make_accelerator(cfg)
+    precision, accelerator = make_accelerator(cfg)
     cfg.validate(accelerator.num_processes)
     if accelerator.num_processes > 1:
         raise PeftuneError("multi-process training is not supported yet; run one process")
@@ -118,6 +119,8 @@ def train(cfg: TrainConfig, say=print) -> dict:
     set_seed(cfg.seed)
     base = models.load_model(cfg.base_model, cfg.trust_remote_code)
     base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    if cfg.packing:
+        use_packed_attention(base)
     model = adapters.apply_adapter(base, cfg)
     initial = adapters.trainable_state(model)
     trainable, total_params = adapters.count_parameters(model)
@@ -183,7 +186,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
     train_time = time.perf_counter() - start
 
     # 4. the adapter, verified, in the PEFT layout
-    result = {"steps": steps, "tokens": tokens, "train_time_s": round(train_time, 2),
+    result = {"precision": precision, "steps": steps, "tokens": tokens, "train_time_s": round(train_time, 2),
               "tokens_per_s": round(tokens / train_time, 2), "eval_loss": eval_loss,
               "trainable_parameters": trainable, "base_model_bytes": base_bytes}
     if main:
