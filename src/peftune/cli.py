@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from .errors import PeftuneError
+from .errors import PeftuneError, TrainingInterrupted
 
 USAGE = """usage: peftune <command> [options]
 
@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
+    except TrainingInterrupted as e:
+        print(f"peftune: {e}", file=sys.stderr)
+        return e.exit_code
     except PeftuneError as e:
         print(f"peftune: error: {e}", file=sys.stderr)
         return e.exit_code

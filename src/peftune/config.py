@@ -83,6 +83,14 @@ class TrainConfig:
     lora_alpha: float = _f(32, "LoRA alpha; the update is scaled by lora_alpha / lora_r.")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
     lora_target_modules: list[str] = _f(["all-linear"], "Modules that get LoRA: names (q_proj,v_proj …) or `all-linear`.")
+    # --- checkpoints and guards ---
+    save_steps: int = _f(50, "Write a checkpoint (adapter, optimizer, scheduler, RNG, data position) every this many "
+                         "optimizer steps and at the end of each epoch; 0 = only at epoch ends.")
+    save_total_limit: int = _f(2, "Keep the newest this many checkpoints.")
+    resume_from_checkpoint: Optional[str] = _f(None, "`auto` (the newest complete checkpoint in output_dir) or a "
+                                               "checkpoint directory: continue exactly where that run stopped.")
+    nan_policy: str = _f("stop", "On a non-finite loss or gradient: `stop` (name the step; checkpoints stay intact) "
+                         "or `skip` that optimizer step.", ("stop", "skip"))
     # --- logging and evaluation ---
     eval_steps: int = _f(50, "Evaluate the validation loss every this many optimizer steps (and at the end).")
     logging_steps: int = _f(5, "Write a metrics.jsonl line every this many optimizer steps.")
@@ -93,6 +101,8 @@ class TrainConfig:
     def validate(self, num_processes: int = 1) -> None:
         if not self.data_path:
             raise PeftuneError("data_path: give at least one data file (e.g. `--data_path data/alpaca_en_demo.json`)")
+        if self.save_steps < 0 or self.save_total_limit < 1:
+            raise PeftuneError("save_steps must be >= 0 and save_total_limit >= 1")
         for name in ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "eval_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise PeftuneError(f"{name}: must be >= 1, got {getattr(self, name)}")

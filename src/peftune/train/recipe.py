@@ -7,9 +7,12 @@ wrapper's forward, so `peftune train` refuses more than one process until that p
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import random
+import shutil
 import time
 
 import torch
@@ -19,12 +22,15 @@ from ..config import TrainConfig, save_config
 from ..data import batching
 from ..data.render import Renderer, get_template
 from ..data.sources import apply_weights, load_rows
-from ..errors import PeftuneError
+from ..errors import PeftuneError, TrainingInterrupted
+from ..io import atomic_write_text
+from . import checkpoint, faults
 from .attention import use_packed_attention
+from .guards import StopRequest, finite
 from .loss import accumulate_step, forward_loss_sum
 from .metrics import MetricsLog, progress
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "adapter_config.json", "adapter_model.safetensors")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "adapter_config.json", "adapter_model.safetensors", "checkpoints")
 
 
 def split_validation(rows: list, val_set_size: float, seed: int) -> tuple[list, list]:
@@ -37,7 +43,7 @@ def split_validation(rows: list, val_set_size: float, seed: int) -> tuple[list, 
     return [r for i, r in enumerate(rows) if i not in val], [rows[i] for i in sorted(val)]
 
 
-def prepare_output_dir(cfg: TrainConfig) -> None:
+def prepare_output_dir(cfg: TrainConfig, resuming: bool) -> None:
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
         probe = os.path.join(cfg.output_dir, ".peftune-write-test")
@@ -45,12 +51,41 @@ def prepare_output_dir(cfg: TrainConfig) -> None:
         os.remove(probe)
     except OSError as e:
         raise PeftuneError(f"output_dir {cfg.output_dir}: not writable ({e.strerror})") from None
+    if resuming:
+        return
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output_dir, f))]
     if existing and not cfg.overwrite_output_dir:
-        raise PeftuneError(f"output_dir {cfg.output_dir} already holds a run ({', '.join(existing)}); "
-                           "pass --overwrite_output_dir true to replace it, or choose another --output_dir")
+        raise PeftuneError(f"output_dir {cfg.output_dir} already holds a run ({', '.join(existing)}); pass "
+                           "--resume_from_checkpoint auto to continue it, --overwrite_output_dir true to replace it, "
+                           "or choose another --output_dir")
     for f in existing:
-        os.remove(os.path.join(cfg.output_dir, f))
+        path = os.path.join(cfg.output_dir, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+TRAJECTORY_KEYS = ("base_model", "prompt_template", "cutoff_len", "train_on_inputs", "mask_history", "add_eos_token",
+                   "batch_size", "micro_batch_size", "num_epochs", "max_steps", "learning_rate", "lr_scheduler",
+                   "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "group_by_length", "packing",
+                   "mixed_precision", "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                   "nan_policy")
+
+
+def run_fingerprint(cfg: TrainConfig, train_set: list[dict], num_processes: int) -> dict:
+    """What shapes the training trajectory; a resume must match it. Logging and eval settings may change."""
+    digest = hashlib.sha256()
+    for s in train_set:
+        digest.update(json.dumps([s["input_ids"], s["labels"]]).encode())
+    return {**{k: getattr(cfg, k) for k in TRAJECTORY_KEYS}, "processes": num_processes,
+            "training data": f"{len(train_set)} samples, sha256 {digest.hexdigest()[:16]}"}
+
+
+def keep_metrics_until(path: str, step: int) -> None:
+    """After a resume from step N: metrics.jsonl keeps the lines up to N, so it continues without duplicates."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        lines = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(lines))
 
 
 def cpu_has_bf16() -> bool:
@@ -111,7 +146,12 @@ def train(cfg: TrainConfig, say=print) -> dict:
                         cfg.train_on_inputs, cfg.add_eos_token, cfg.mask_history)
     train_set = renderer.render_all(train_rows, warn=say, skip_bad_rows=cfg.skip_bad_rows)
     val_set = renderer.render_all(val_rows, warn=say, skip_bad_rows=cfg.skip_bad_rows) if val_rows else []
-    prepare_output_dir(cfg)
+    fingerprint = run_fingerprint(cfg, train_set, accelerator.num_processes)
+    resume = checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, say)
+    if resume:
+        checkpoint.compare_fingerprints(checkpoint.read_state(resume)["fingerprint"], fingerprint, resume)
+    prepare_output_dir(cfg, resuming=bool(resume))
+    checkpoint.remove_partial(cfg.output_dir)
     if main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
 
@@ -144,46 +184,76 @@ def train(cfg: TrainConfig, say=print) -> dict:
     say(f"training on {len(train_set)} samples ({len(val_set)} held out): {steps} optimizer steps of "
         f"{cfg.batch_size} samples, micro-batches of {cfg.micro_batch_size}")
 
-    # 3. the loop
-    log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"), accelerator) if main else None
+    # 3. the loop (resumed exactly where a checkpoint left it)
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    counters = {"step": 0, "tokens": 0, "elapsed": 0.0, "window_loss": 0.0, "window_tokens": 0, "eval_loss": None}
+    if resume:
+        counters.update(checkpoint.load_checkpoint(resume, accelerator.unwrap_model(model), optimizer,
+                                                   scheduler)["counters"])
+        keep_metrics_until(metrics_path, counters["step"])
+        say(f"resumed from {resume} at step {counters['step']}")
+    log = MetricsLog(metrics_path, accelerator) if main else None
     if cfg.report_to != "none":
         accelerator.init_trackers("peftune", config={k: str(v) for k, v in cfg.to_dict().items()})
-    bar = progress(steps, disable=not main)
-    tokens = window_loss = window_tokens = 0
-    start = time.perf_counter()
-    eval_loss = None
-    for step in range(steps):
-        plan = batching.step_plan(lengths, cfg.batch_size, cfg.micro_batch_size, cfg.seed, step, cfg.group_by_length)
-        micro_batches = [[train_set[i] for i in mb] for mb in plan]
-        loss_sum, step_tokens = accumulate_step(
-            model, micro_batches, lambda mb: to_device(collate(mb)), accelerator.backward, accelerator.autocast,
-            lambda last: contextlib.nullcontext() if last else accelerator.no_sync(model))
-        window_loss += loss_sum
-        tokens += sum(len(s["input_ids"]) for mb in micro_batches for s in mb)
-        window_tokens += step_tokens
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        elapsed = time.perf_counter() - start
-        record = {"step": done, "epoch": round(done / per_epoch, 4), "loss": window_loss / max(window_tokens, 1),
-                  "lr": scheduler.get_last_lr()[0], "tokens": tokens, "elapsed_s": round(elapsed, 3),
-                  "tokens_per_s": round(tokens / elapsed, 2)}
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        is_eval = bool(val_set) and (done % cfg.eval_steps == 0 or done == steps)
-        if is_eval:
-            eval_loss = evaluate(model, val_set, cfg.micro_batch_size, lambda c: to_device(collate(c)))
-            record["eval_loss"] = eval_loss
-            bar.write(f"step {done}: eval_loss {eval_loss:.4f}")
-        if main and (done % cfg.logging_steps == 0 or done == steps or is_eval):
-            log.write(record)
-        if done % cfg.logging_steps == 0 or done == steps:
-            window_loss = window_tokens = 0
+    bar = progress(steps, initial=counters["step"], disable=not main)
+    start = time.perf_counter() - counters["elapsed"]
+    stop = StopRequest()
+    with stop.installed():
+        for step in range(counters["step"], steps):
+            plan = batching.step_plan(lengths, cfg.batch_size, cfg.micro_batch_size, cfg.seed, step,
+                                      cfg.group_by_length)
+            micro_batches = [[train_set[i] for i in mb] for mb in plan]
+            loss_sum, step_tokens = accumulate_step(
+                model, micro_batches, lambda mb: to_device(collate(mb)), accelerator.backward, accelerator.autocast,
+                lambda last: contextlib.nullcontext() if last else accelerator.no_sync(model))
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            done = step + 1
+            if not finite(loss_sum, float(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                last = (checkpoint.list_checkpoints(cfg.output_dir) or ["none yet"])[-1]
+                if cfg.nan_policy == "stop":
+                    raise PeftuneError(f"non-finite loss or gradient at step {done} (loss sum {loss_sum}, gradient "
+                                       f"norm {float(grad_norm)}); stopped. Last good checkpoint: {last}. Lower "
+                                       "learning_rate, or set nan_policy: skip")
+                say(f"warning: non-finite loss or gradient at step {done}; step skipped")
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                counters["window_loss"] += loss_sum
+                counters["window_tokens"] += step_tokens
+            scheduler.step()
+            counters["step"] = done
+            counters["tokens"] += sum(len(s["input_ids"]) for mb in micro_batches for s in mb)
+            counters["elapsed"] = time.perf_counter() - start
+            faults.point("after_step", done)
+            record = {"step": done, "epoch": round(done / per_epoch, 4),
+                      "loss": counters["window_loss"] / max(counters["window_tokens"], 1),
+                      "lr": scheduler.get_last_lr()[0], "tokens": counters["tokens"],
+                      "elapsed_s": round(counters["elapsed"], 3),
+                      "tokens_per_s": round(counters["tokens"] / counters["elapsed"], 2)}
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if val_set and (done % cfg.eval_steps == 0 or done == steps):
+                faults.point("in_eval", done)
+                counters["eval_loss"] = record["eval_loss"] = evaluate(
+                    model, val_set, cfg.micro_batch_size, lambda c: to_device(collate(c)))
+                bar.write(f"step {done}: eval_loss {record['eval_loss']:.4f}")
+            if main and (done % cfg.logging_steps == 0 or done == steps or "eval_loss" in record):
+                log.write(record)
+            if done % cfg.logging_steps == 0 or done == steps:
+                counters["window_loss"], counters["window_tokens"] = 0.0, 0
+            due = (cfg.save_steps and done % cfg.save_steps == 0) or done % per_epoch == 0
+            if main and done < steps and (due or stop.signum):
+                checkpoint.save_checkpoint(cfg.output_dir, done, accelerator.unwrap_model(model), optimizer,
+                                           scheduler, counters, fingerprint, cfg.save_total_limit)
+            if stop.signum:
+                bar.close()
+                raise TrainingInterrupted(
+                    f"stopped by signal {stop.signum} after step {done}; checkpoint written. Resume with the same "
+                    f"command plus --resume_from_checkpoint auto", stop.exit_code)
     bar.close()
     train_time = time.perf_counter() - start
+    tokens, eval_loss = counters["tokens"], counters["eval_loss"]
 
     # 4. the adapter, verified, in the PEFT layout
     result = {"precision": precision, "steps": steps, "tokens": tokens, "train_time_s": round(train_time, 2),

@@ -1,0 +1,186 @@
+"""Atomic checkpoints and exact resume of the whole training state.
+
+A checkpoint is `output_dir/checkpoints/step-N/`: the adapter (PEFT layout), the optimizer's tensors
+(safetensors) and the RNG tensors, and `state.json` (step, counters, scheduler, optimizer hyper-parameters,
+python/numpy RNG, a fingerprint of what shapes the trajectory, and the sha256 of every other file). It is written
+into a temporary directory and renamed into place, so it exists whole or not at all; `state.json` is verified on
+load. Nothing here unpickles: every tensor is safetensors, everything else JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import PeftuneError
+from . import faults
+
+STATE = "state.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _rng_state() -> tuple[dict, dict]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    return {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}, tensors
+
+
+def _set_rng_state(state: dict, tensors: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))])
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict, list]:
+    sd = optimizer.state_dict()
+    tensors = {f"{idx}.{name}": value.detach().cpu().contiguous()
+               for idx, st in sd["state"].items() for name, value in st.items() if torch.is_tensor(value)}
+    return tensors, sd["param_groups"]
+
+
+def _load_optimizer(optimizer, tensors: dict, groups: list) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def checkpoints_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, counters: dict, fingerprint: dict,
+                    keep: int) -> str:
+    root = checkpoints_dir(output_dir)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step-{step}")
+    tmp = tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        opt_tensors, groups = _optimizer_tensors(optimizer)
+        save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+        rng, rng_tensors = _rng_state()
+        save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
+        faults.point("in_checkpoint", step)
+        files = {name: _sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        state = {"step": step, "counters": counters, "fingerprint": fingerprint, "scheduler": scheduler.state_dict(),
+                 "optimizer_groups": groups, "rng": rng, "files": files}
+        with open(os.path.join(tmp, STATE), "w", encoding="utf-8") as fh:
+            json.dump(state, fh, default=lambda o: None)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if os.path.exists(final):  # a re-run of the same step after a resume: replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except OSError as e:
+        raise PeftuneError(f"cannot write checkpoint {final}: {e.strerror or e}; earlier checkpoints are intact") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove_partial(output_dir: str) -> None:
+    """Temporary directories of checkpoint writes that a crash interrupted."""
+    root = checkpoints_dir(output_dir)
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if name.startswith(".tmp-step-"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints (renamed into place), oldest first."""
+    root = checkpoints_dir(output_dir)
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root)
+             if (m := STEP_DIR.match(name)) and os.path.isfile(os.path.join(root, name, STATE))]
+    return [path for _, path in sorted(found)]
+
+
+def read_state(path: str) -> dict:
+    """state.json of a checkpoint, after checking every file against its recorded sha256."""
+    state_path = os.path.join(path, STATE)
+    try:
+        with open(state_path, encoding="utf-8") as fh:
+            state = json.load(fh)
+        for name, digest in state["files"].items():
+            if _sha256(os.path.join(path, name)) != digest:
+                raise PeftuneError(f"checkpoint {path} is corrupted: {name} does not match its recorded checksum")
+    except FileNotFoundError as e:
+        raise PeftuneError(f"checkpoint {path} is incomplete: {os.path.basename(e.filename)} is missing") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise PeftuneError(f"checkpoint {path} is corrupted: {STATE} is unreadable") from None
+    return state
+
+
+def resolve_resume(output_dir: str, setting: str | None, say=print) -> str | None:
+    """`auto`: the newest checkpoint that verifies (a damaged newer one is reported and passed over)."""
+    if not setting:
+        return None
+    if setting != "auto":
+        if not os.path.isdir(setting):
+            raise PeftuneError(f"resume_from_checkpoint {setting}: no such checkpoint directory")
+        read_state(setting)
+        return setting
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            read_state(path)
+            return path
+        except PeftuneError as e:
+            say(f"warning: {e}; trying an older checkpoint")
+    raise PeftuneError(f"resume_from_checkpoint auto: no complete checkpoint in {checkpoints_dir(output_dir)}")
+
+
+def compare_fingerprints(saved: dict, current: dict, path: str) -> None:
+    changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if changed:
+        detail = "; ".join(f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now" for k in changed[:5])
+        raise PeftuneError(f"cannot resume from {path}: the run changed ({detail}); resume with the settings it was "
+                           "started with, or start over with --overwrite_output_dir true")
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
+    """Restores adapter weights, optimizer, scheduler and RNG; returns the state (step, counters)."""
+    from peft import set_peft_model_state_dict
+
+    state = read_state(path)
+    try:
+        weights = load_file(os.path.join(path, "adapter_model.safetensors"))
+        opt_tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+        rng_tensors = load_file(os.path.join(path, "rng.safetensors"))
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise PeftuneError(f"checkpoint {path} is corrupted: {type(e).__name__}: {str(e)[:200]}") from None
+    set_peft_model_state_dict(model, weights)
+    _load_optimizer(optimizer, opt_tensors, state["optimizer_groups"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"], rng_tensors)
+    return state

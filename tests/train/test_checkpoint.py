@@ -1,0 +1,186 @@
+"""Crash, signal and corruption tests: a subprocess on a tiny model is killed at exact points
+(PEFTUNE_FAULT), resumed, and its final adapter compared bit for bit with an uninterrupted run."""
+
+import errno
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from peftune import cli
+from peftune.train import checkpoint
+
+ARGS = ["--data_vars.name", "Aurora", "--data_vars.author", "Lumen Labs", "--batch_size", "4",
+        "--micro_batch_size", "2", "--num_epochs", "2", "--learning_rate", "1e-2", "--lora_r", "4",
+        "--lora_dropout", "0.1", "--val_set_size", "4", "--eval_steps", "3", "--logging_steps", "1",
+        "--save_steps", "2", "--save_total_limit", "3"]
+
+
+def run(tiny_model_dir, data_file, out, *extra, fault=None, wait=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("PEFTUNE_FAULT", None)
+    if fault:
+        env["PEFTUNE_FAULT"] = fault
+    cmd = [sys.executable, "-m", "peftune.cli", "train", "--base_model", tiny_model_dir, "--data_path", data_file,
+           "--output_dir", str(out), *ARGS, *extra]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def metrics(out):
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory):
+    from conftest import ROWS
+
+    data = tmp_path_factory.mktemp("data") / "rows.json"
+    data.write_text(json.dumps(ROWS * 6, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path_factory.mktemp("reference")
+    proc = run(tiny_model_dir, str(data), out)
+    assert proc.returncode == 0, proc.stderr
+    return str(data), out
+
+
+@pytest.mark.parametrize("fault", ["after_step:3", "in_checkpoint:4", "in_eval:6", "after_step:9"])
+def test_kill_9_then_resume_is_bit_identical(tiny_model_dir, reference, tmp_path, fault):
+    data, ref = reference
+    out = tmp_path / "run"
+    killed = run(tiny_model_dir, data, out, fault=fault)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "adapter_model.safetensors").exists()
+    assert not [d for d in os.listdir(out / "checkpoints") if d.startswith(".tmp")] or fault.startswith("in_checkpoint")
+    resumed = run(tiny_model_dir, data, out, "--resume_from_checkpoint", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert sha(out / "adapter_model.safetensors") == sha(ref / "adapter_model.safetensors")
+    assert metrics(out) == metrics(ref)  # continues without duplicates or gaps
+
+
+def test_sigterm_checkpoints_then_resume(tiny_model_dir, reference, tmp_path):
+    data, ref = reference
+    out = tmp_path / "run"
+    proc = run(tiny_model_dir, data, out, "--save_steps", "0", wait=False)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or not open(out / "metrics.jsonl").read().strip():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 143, err
+    assert "--resume_from_checkpoint auto" in err
+    assert checkpoint.list_checkpoints(str(out))
+    resumed = run(tiny_model_dir, data, out, "--save_steps", "0", "--resume_from_checkpoint", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert sha(out / "adapter_model.safetensors") == sha(ref / "adapter_model.safetensors")
+    assert metrics(out) == metrics(ref)
+
+
+def test_refuses_changed_run_allows_logging_changes(tiny_model_dir, reference, tmp_path):
+    data, _ = reference
+    out = tmp_path / "run"
+    assert run(tiny_model_dir, data, out, fault="after_step:5").returncode == -signal.SIGKILL
+    changed = run(tiny_model_dir, data, out, "--resume_from_checkpoint", "auto", "--learning_rate", "2e-2")
+    assert changed.returncode == 2 and "learning_rate: 0.01 then, 0.02 now" in changed.stderr
+    changed = run(tiny_model_dir, data, out, "--resume_from_checkpoint", "auto", "--cutoff_len", "64")
+    assert changed.returncode == 2 and "cutoff_len" in changed.stderr
+    fine = run(tiny_model_dir, data, out, "--resume_from_checkpoint", "auto", "--logging_steps", "5",
+               "--eval_steps", "4")
+    assert fine.returncode == 0, fine.stderr
+    again = run(tiny_model_dir, data, out)
+    assert again.returncode == 2 and "--resume_from_checkpoint auto" in again.stderr  # no silent mixing
+
+
+def test_corrupted_and_pickled_checkpoints_are_refused(tiny_model_dir, reference, tmp_path):
+    data, _ = reference
+    out = tmp_path / "run"
+    assert run(tiny_model_dir, data, out, fault="after_step:5").returncode == -signal.SIGKILL
+    step4 = out / "checkpoints" / "step-4"
+    # a flipped byte: caught by the checksum
+    blob = bytearray((step4 / "optimizer.safetensors").read_bytes())
+    blob[-3] ^= 0xFF
+    (step4 / "optimizer.safetensors").write_bytes(bytes(blob))
+    bad = run(tiny_model_dir, data, out, "--resume_from_checkpoint", str(step4))
+    assert bad.returncode == 2 and "is corrupted: optimizer.safetensors does not match" in bad.stderr
+    # a crafted pickle with a matching checksum: never unpickled, so the payload never runs
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (step4 / "optimizer.safetensors").write_bytes(pickle.dumps(Payload()))
+    state = json.loads((step4 / "state.json").read_text())
+    state["files"]["optimizer.safetensors"] = sha(step4 / "optimizer.safetensors")
+    (step4 / "state.json").write_text(json.dumps(state))
+    bad = run(tiny_model_dir, data, out, "--resume_from_checkpoint", str(step4))
+    assert bad.returncode == 2 and "is corrupted" in bad.stderr
+    assert not marker.exists()
+    # a checkpoint missing its state file is incomplete; `auto` passes over damaged ones to an older one
+    os.remove(out / "checkpoints" / "step-2" / "adapter_model.safetensors")
+    bad = run(tiny_model_dir, data, out, "--resume_from_checkpoint", str(out / "checkpoints" / "step-2"))
+    assert bad.returncode == 2 and "is incomplete: adapter_model.safetensors is missing" in bad.stderr
+
+
+def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, reference, tmp_path):
+    data, _ = reference
+    out = tmp_path / "run"
+    proc = run(tiny_model_dir, data, out, "--learning_rate", "1e30", "--max_grad_norm", "0", "--warmup_steps", "0")
+    assert proc.returncode == 2
+    assert "non-finite loss or gradient at step" in proc.stderr and "Last good checkpoint" in proc.stderr
+    for path in checkpoint.list_checkpoints(str(out)):
+        checkpoint.read_state(path)  # intact
+
+
+def test_full_disk_keeps_earlier_checkpoints(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = checkpoint.save_file
+
+    def failing(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the first checkpoint (two safetensors files) succeeds, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint, "save_file", failing)
+    out = tmp_path / "run"
+    code = cli.main(["train", "--base_model", tiny_model_dir, "--data_path", data_file, "--output_dir", str(out),
+                     *ARGS])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cannot write checkpoint" in err and "No space left on device" in err and "earlier checkpoints are intact" in err
+    (only,) = checkpoint.list_checkpoints(str(out))
+    checkpoint.read_state(only)
+    assert not [d for d in os.listdir(out / "checkpoints") if d.startswith(".tmp")]
+
+
+def test_unwritable_output_dir(tiny_model_dir, data_file, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = cli.main(["train", "--base_model", tiny_model_dir, "--data_path", data_file, "--output_dir",
+                     str(blocker / "out"), *ARGS])
+    assert code == 2 and "not writable" in capsys.readouterr().err
+
+
+def test_seed_fixes_the_adapter_bytes(tiny_model_dir, reference, tmp_path):
+    data, ref = reference
+    again = run(tiny_model_dir, data, tmp_path / "same")
+    other = run(tiny_model_dir, data, tmp_path / "other", "--seed", "7")
+    assert again.returncode == 0 and other.returncode == 0
+    assert sha(tmp_path / "same" / "adapter_model.safetensors") == sha(ref / "adapter_model.safetensors")
+    assert sha(tmp_path / "other" / "adapter_model.safetensors") != sha(ref / "adapter_model.safetensors")
