@@ -26,7 +26,7 @@ from ..errors import PeftuneError, TrainingInterrupted
 from ..io import atomic_write_text
 from . import checkpoint, faults
 from .attention import use_packed_attention
-from .guards import StopRequest, finite
+from .guards import StopRequest, finite, return_large_buffers_to_os
 from .loss import accumulate_step, forward_loss_sum
 from .metrics import MetricsLog, progress
 
@@ -129,6 +129,8 @@ def train(cfg: TrainConfig, say=print) -> dict:
     from transformers import get_scheduler, set_seed
 
     precision, accelerator = make_accelerator(cfg)
+    if accelerator.device.type == "cpu":
+        return_large_buffers_to_os()
     cfg.validate(accelerator.num_processes)
     if accelerator.num_processes > 1:
         raise PeftuneError("multi-process training is not supported yet; run one process")
