@@ -125,17 +125,8 @@ def evaluate(model, samples: list[dict], micro_batch_size: int, collate) -> floa
     return total / max(count, 1)
 
 
-def train(cfg: TrainConfig, say=print) -> dict:
-    from transformers import get_scheduler, set_seed
-
-    precision, accelerator = make_accelerator(cfg)
-    if accelerator.device.type == "cpu":
-        return_large_buffers_to_os()
-    cfg.validate(accelerator.num_processes)
-    if accelerator.num_processes > 1:
-        raise PeftuneError("multi-process training is not supported yet; run one process")
-    main = accelerator.is_main_process
-    # 1. data: read and validate everything before a byte is written to output_dir
+def prepare_data(cfg: TrainConfig, say=print) -> tuple:
+    """(tokenizer, training samples, validation samples): read, validate, split, weight, render."""
     rows = load_rows(cfg.data_path, cfg.data_vars, cfg.seed, cfg.skip_bad_rows, warn=say)
     if cfg.val_data_path:
         train_rows = rows
@@ -148,6 +139,21 @@ def train(cfg: TrainConfig, say=print) -> dict:
                         cfg.train_on_inputs, cfg.add_eos_token, cfg.mask_history)
     train_set = renderer.render_all(train_rows, warn=say, skip_bad_rows=cfg.skip_bad_rows)
     val_set = renderer.render_all(val_rows, warn=say, skip_bad_rows=cfg.skip_bad_rows) if val_rows else []
+    return tokenizer, train_set, val_set
+
+
+def train(cfg: TrainConfig, say=print) -> dict:
+    from transformers import get_scheduler, set_seed
+
+    precision, accelerator = make_accelerator(cfg)
+    if accelerator.device.type == "cpu":
+        return_large_buffers_to_os()
+    cfg.validate(accelerator.num_processes)
+    if accelerator.num_processes > 1:
+        raise PeftuneError("multi-process training is not supported yet; run one process")
+    main = accelerator.is_main_process
+    # 1. data: read and validate everything before a byte is written to output_dir
+    tokenizer, train_set, val_set = prepare_data(cfg, say)
     fingerprint = run_fingerprint(cfg, train_set, accelerator.num_processes)
     resume = checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, say)
     if resume:
