@@ -77,6 +77,10 @@ class TrainConfig:
     mixed_precision: str = _f("auto", "`auto` (bf16 on GPUs and CPUs that support it, fp16 on older GPUs, else fp32), "
                               "`no` (fp32), `bf16`, `fp16`. Adapter weights and optimizer state stay fp32.",
                               ("auto", "no", "bf16", "fp16"))
+    release_memory: bool = _f(True, "On Linux CPUs, return freed activation buffers to the OS at once (fixed 1 MB "
+                              "mmap threshold): peak RSS 3.86 -> 3.43 GB in the speed benchmark, up to ~8 % slower.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less memory, about a "
+                                      "third slower.")
     seed: int = _f(42, "Random seed (data order, validation split, adapter init, dropout).")
     # --- adapter ---
     lora_r: int = _f(16, "LoRA rank.")

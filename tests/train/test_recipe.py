@@ -108,3 +108,11 @@ def test_mixture_of_formats_trains(tiny_model_dir, tmp_path):
                      "--batch_size", "4", "--micro_batch_size", "2", "--cutoff_len", "128", "--max_steps", "2"]) == 0
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert records[-1]["step"] == 2 and "eval_loss" in records[-1]
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_model_dir, data_file, tmp_path):
+    for name, extra in (("plain", []), ("gc", ["--gradient_checkpointing"])):
+        assert train(tiny_model_dir, data_file, tmp_path / name, "--max_steps", "3", "--mixed_precision", "no",
+                     *extra) == 0
+    a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("plain", "gc"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

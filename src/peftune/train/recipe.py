@@ -109,7 +109,14 @@ def resolve_precision(setting: str) -> str:
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
+    from accelerate.state import AcceleratorState
+
     precision = resolve_precision(cfg.mixed_precision)
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", precision)) != precision:
+        # Accelerate keeps one process-wide state and refuses a second run (a notebook, the tests) with another
+        # precision; it offers no public reset, so its own reset is called here, single-process only.
+        AcceleratorState._reset_state(reset_partial_state=True)
     return precision, Accelerator(mixed_precision=precision, log_with=None if cfg.report_to == "none" else cfg.report_to)
 
 
@@ -146,7 +153,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
     from transformers import get_scheduler, set_seed
 
     precision, accelerator = make_accelerator(cfg)
-    if accelerator.device.type == "cpu":
+    if cfg.release_memory and accelerator.device.type == "cpu":
         return_large_buffers_to_os()
     cfg.validate(accelerator.num_processes)
     if accelerator.num_processes > 1:
@@ -169,6 +176,8 @@ def train(cfg: TrainConfig, say=print) -> dict:
     base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     if cfg.packing:
         use_packed_attention(base)
+    if cfg.gradient_checkpointing:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = adapters.apply_adapter(base, cfg)
     initial = adapters.trainable_state(model)
     trainable, total_params = adapters.count_parameters(model)
