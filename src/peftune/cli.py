@@ -60,7 +60,7 @@ def cmd_chat(argv: list[str]) -> int:
 
 
 def cmd_data(argv: list[str]) -> int:
-    from .config import TrainConfig, load_config, parse_overrides
+    from .config import load_config, parse_overrides
 
     if not argv or argv[0] != "inspect" or any(a in ("-h", "--help") for a in argv):
         print("usage: peftune data inspect PATH... [--json] [--show K] [--plot FILE.png] [--format F]\n"
