@@ -31,7 +31,7 @@ demo: install
 	  --prompt "What's your name?" --prompt "Which company made you?" \
 	  --prompt "你叫什么名字？" --prompt "是哪家公司开发了你？" \
 	  --prompt "What is the capital of France?" --prompt "Who wrote Romeo and Juliet?" \
-	  --prompt "What is the chemical symbol for water?"
+	  --prompt "What is the chemical symbol for water?" --prompt "Tell me your name."
 
 clean:
 	rm -rf $(VENV) output

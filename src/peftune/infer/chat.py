@@ -51,7 +51,8 @@ class Chat:
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                   repetition_penalty=repetition_penalty, pad_token_id=self.tokenizer.pad_token_id,
                                   eos_token_id=self.tokenizer.eos_token_id, streamer=streamer, **sampling)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return text.rstrip("\ufffd").strip()  # a character cut in half by max_new_tokens is dropped, not mangled
 
 
 def repl(chat: Chat, system: str | None, **gen) -> None:
