@@ -112,19 +112,25 @@ def alpaca(rec: dict) -> dict:
     return {"messages": messages}
 
 
-def sharegpt(rec: dict) -> dict:
-    turns = rec.get("conversations")
+def _turns(rec: dict, field: str, role_key: str, text_key: str, roles):
+    """(where, turn, role) for each turn of a conversation list, each checked to be an object with a known role."""
+    turns = rec.get(field)
     if not isinstance(turns, list) or not turns:
-        raise RowError("field `conversations` must be a non-empty list of {from, value} turns")
+        raise RowError(f"field `{field}` must be a non-empty list of {{{role_key}, {text_key}}} turns")
+    for i, turn in enumerate(turns):
+        where = f"{field}[{i}]."
+        if not isinstance(turn, dict):
+            raise RowError(f"`{field}[{i}]` must be an object with `{role_key}` and `{text_key}`")
+        role = _string(turn, role_key, where=where)
+        if role not in roles:
+            raise RowError(f"`{where}{role_key}`: unknown role {role!r} (expected one of {', '.join(roles)})")
+        yield where, turn, role
+
+
+def sharegpt(rec: dict) -> dict:
     system = _string(rec, "system", False)
     messages = [{"role": "system", "content": system}] if system and system.strip() else []
-    for i, turn in enumerate(turns):
-        where = f"conversations[{i}]."
-        if not isinstance(turn, dict):
-            raise RowError(f"`conversations[{i}]` must be an object with `from` and `value`")
-        speaker = _string(turn, "from", where=where)
-        if speaker not in SHAREGPT_ROLES:
-            raise RowError(f"`{where}from`: unknown role {speaker!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
+    for where, turn, speaker in _turns(rec, "conversations", "from", "value", SHAREGPT_ROLES):
         value = _string(turn, "value", where=where)
         role = SHAREGPT_ROLES[speaker]
         if role == "function_call":
@@ -145,17 +151,8 @@ def sharegpt(rec: dict) -> dict:
 
 
 def openai(rec: dict) -> dict:
-    raw = rec.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise RowError("field `messages` must be a non-empty list of {role, content} messages")
     messages = []
-    for i, msg in enumerate(raw):
-        where = f"messages[{i}]."
-        if not isinstance(msg, dict):
-            raise RowError(f"`messages[{i}]` must be an object with `role` and `content`")
-        role = _string(msg, "role", where=where)
-        if role not in OPENAI_ROLES:
-            raise RowError(f"`{where}role`: unknown role {role!r} (expected one of {', '.join(OPENAI_ROLES)})")
+    for where, msg, role in _turns(rec, "messages", "role", "content", OPENAI_ROLES):
         calls = msg.get("tool_calls")
         content = _string(msg, "content", required=not (role == "assistant" and calls), where=where) or ""
         out = {"role": role, "content": content}
