@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_model
-from peftune.data.batching import collate_packed, collate_padded
+from peftune.data.batching import collate_packed, collate_padded, trained_tokens
 from peftune.data.render import IGNORE, Renderer, get_template
 from peftune.train.loss import accumulate_step, forward_loss_sum, lm_loss_sum
 
@@ -34,6 +34,15 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def loss_and_grads(model, batch):
+    """The loss sum of one batch and the adapter gradients it gives (the model's gradients reset after)."""
+    loss = forward_loss_sum(model, batch)
+    loss.backward()
+    out = grads(model)
+    model.zero_grad()
+    return loss.item(), out
+
+
 def test_chunked_loss_equals_plain_cross_entropy():
     torch.manual_seed(0)
     hidden = torch.randn(3, 50, 16, requires_grad=True)
@@ -55,7 +64,7 @@ def test_loss_matches_transformers_own(tokenizer):
     s = samples(tokenizer)[:3]
     for r, smp in enumerate(s):
         labels[r, : len(smp["labels"])] = torch.tensor(smp["labels"])
-    n = sum(sum(1 for t in smp["labels"][1:] if t != IGNORE) for smp in s)
+    n = trained_tokens(s)
     ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
     got = forward_loss_sum(model, batch) / n
     assert abs(got.item() - ref.item()) < 1e-5
@@ -64,14 +73,9 @@ def test_loss_matches_transformers_own(tokenizer):
 def test_packed_equals_unpacked(tokenizer):
     data = samples(tokenizer)
     model = lora(tokenizer)
-    packed = forward_loss_sum(model, collate_packed(data))
-    packed.backward()
-    g_packed = grads(model)
-    model.zero_grad()
-    padded = forward_loss_sum(model, collate_padded(data, pad_id=tokenizer.pad_token_id))
-    padded.backward()
-    g_padded = grads(model)
-    assert abs(packed.item() - padded.item()) < 1e-5 * max(1.0, abs(padded.item()))
+    packed, g_packed = loss_and_grads(model, collate_packed(data))
+    padded, g_padded = loss_and_grads(model, collate_padded(data, pad_id=tokenizer.pad_token_id))
+    assert abs(packed - padded) < 1e-5 * max(1.0, abs(padded))
     for n in g_packed:
         assert torch.allclose(g_packed[n], g_padded[n], atol=1e-5), n
 
@@ -107,8 +111,7 @@ def test_accumulation_is_token_weighted(tokenizer, collate):
     model.zero_grad()
     for i in range(0, 8, 2):
         mb = data[i:i + 2]
-        n_mb = sum(sum(1 for t in s["labels"][1:] if t != IGNORE) for s in mb)
-        (forward_loss_sum(model, fn(mb)) / n_mb / 4).backward()
+        (forward_loss_sum(model, fn(mb)) / trained_tokens(mb) / 4).backward()
     naive = grads(model)
     assert any(not torch.allclose(g_big[n], naive[n], atol=1e-6) for n in g_big)
 
@@ -118,16 +121,12 @@ def test_packed_attention_equals_block_masked_sdpa(tokenizer):
 
     data = samples(tokenizer)
     model = lora(tokenizer)
-    ref = forward_loss_sum(model, collate_packed(data))
-    ref.backward()
-    g_ref = grads(model)
-    model.zero_grad()
+    ref, g_ref = loss_and_grads(model, collate_packed(data))
     assert use_packed_attention(model.get_base_model())
-    got = forward_loss_sum(model, collate_packed(data))
-    got.backward()
-    assert abs(got.item() - ref.item()) < 1e-5 * abs(ref.item())
-    for n, g in grads(model).items():
+    got, g_got = loss_and_grads(model, collate_packed(data))
+    assert abs(got - ref) < 1e-5 * abs(ref)
+    for n, g in g_got.items():
         assert torch.allclose(g, g_ref[n], atol=1e-6), n
     # padded batches (an attention mask) take the plain SDPA path and still agree
     padded = forward_loss_sum(model, collate_padded(data, pad_id=tokenizer.pad_token_id))
-    assert abs(padded.item() - ref.item()) < 1e-5 * abs(ref.item())
+    assert abs(padded.item() - ref) < 1e-5 * abs(ref)

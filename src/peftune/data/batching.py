@@ -41,14 +41,24 @@ def total_steps(num_samples: int, batch_size: int, num_epochs: float, max_steps:
     return min(total, max_steps) if max_steps else total
 
 
-def step_plan(lengths: list[int], batch_size: int, micro_batch_size: int, seed: int, step: int,
-              group_by_length: bool = False) -> list[list[int]]:
-    """The global micro-batches (lists of sample indices) of optimizer step `step` (0-based)."""
-    per_epoch = steps_per_epoch(len(lengths), batch_size)
-    epoch, k = divmod(step, per_epoch)
-    order = epoch_order(lengths, seed, epoch, group_by_length, micro_batch_size)
-    chosen = order[k * batch_size:(k + 1) * batch_size]
-    return [chosen[i:i + micro_batch_size] for i in range(0, len(chosen), micro_batch_size)]
+class DataOrder:
+    """The global micro-batches (lists of sample indices) of each optimizer step (0-based). Each epoch's order is
+    drawn once, when the loop first reaches it, instead of being reshuffled for every step."""
+
+    def __init__(self, lengths: list[int], batch_size: int, micro_batch_size: int, seed: int,
+                 group_by_length: bool = False) -> None:
+        self.lengths, self.batch_size, self.micro_batch_size = lengths, batch_size, micro_batch_size
+        self.seed, self.group_by_length = seed, group_by_length
+        self.per_epoch = steps_per_epoch(len(lengths), batch_size)
+        self._epoch, self._order = -1, []
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        epoch, k = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = epoch_order(self.lengths, self.seed, epoch, self.group_by_length, self.micro_batch_size)
+        chosen = self._order[k * self.batch_size:(k + 1) * self.batch_size]
+        return [chosen[i:i + self.micro_batch_size] for i in range(0, len(chosen), self.micro_batch_size)]
 
 
 def shifted_targets(labels: list[int]) -> list[int]:

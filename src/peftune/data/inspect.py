@@ -8,6 +8,7 @@ import sys
 
 from .. import models
 from ..config import TrainConfig
+from .batching import trained_tokens
 from .render import IGNORE, Renderer, get_template
 from .sources import load_rows, source_spec
 
@@ -33,7 +34,7 @@ def row_lengths(samples: list[dict]) -> list[int]:
 def stats(rows: list[dict], samples: list[dict], fmt: str, bad_rows: int) -> dict:
     lengths = sorted(row_lengths(samples))
     total = sum(len(s["input_ids"]) for s in samples)
-    trained = sum(1 for s in samples for t in s["labels"][1:] if t != IGNORE)
+    trained = trained_tokens(samples)
     keys = [_row_key(r) for r in rows]
     return {"format": fmt, "rows": len(rows), "bad_rows": bad_rows,
             "tokens": {"p50": percentile(lengths, 50), "p90": percentile(lengths, 90),

@@ -103,7 +103,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, cou
         raise PeftuneError(f"cannot write checkpoint {final}: {e.strerror or e}; earlier checkpoints are intact") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+    for old in list_checkpoints(output_dir)[:-keep]:  # keep >= 1 (TrainConfig.validate)
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..data.batching import trained_tokens
 from ..data.render import IGNORE
 
 CHUNK = 1024  # tokens of logits alive at once (about 200 MB of fp32 logits for a 49k vocabulary)
@@ -64,8 +65,6 @@ def accumulate_step(model, micro_batches: list[list[dict]], collate, backward, f
     """Forward + backward over the micro-batches of one optimizer step. Each micro-batch's loss sum is divided by
     the trained tokens of the whole step, so the accumulated gradient equals that of one big batch.
     Returns (summed loss, trained tokens)."""
-    from ..data.batching import trained_tokens
-
     step_tokens = sum(trained_tokens(mb) for mb in micro_batches)
     total = 0.0
     for k, mb in enumerate(micro_batches):

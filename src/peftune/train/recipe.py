@@ -196,8 +196,9 @@ def train(cfg: TrainConfig, say=print) -> dict:
     else:
         collate = lambda chunk: batching.collate_padded(chunk, tokenizer.pad_token_id)  # noqa: E731
     to_device = lambda b: {k: v.to(accelerator.device) for k, v in b.items()}  # noqa: E731
-    lengths = [len(s["input_ids"]) for s in train_set]
-    per_epoch = batching.steps_per_epoch(len(train_set), cfg.batch_size)
+    order = batching.DataOrder([len(s["input_ids"]) for s in train_set], cfg.batch_size, cfg.micro_batch_size,
+                               cfg.seed, cfg.group_by_length)
+    per_epoch = order.per_epoch
     say(f"training on {len(train_set)} samples ({len(val_set)} held out): {steps} optimizer steps of "
         f"{cfg.batch_size} samples, micro-batches of {cfg.micro_batch_size}")
 
@@ -217,9 +218,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
     stop = StopRequest()
     with stop.installed():
         for step in range(counters["step"], steps):
-            plan = batching.step_plan(lengths, cfg.batch_size, cfg.micro_batch_size, cfg.seed, step,
-                                      cfg.group_by_length)
-            micro_batches = [[train_set[i] for i in mb] for mb in plan]
+            micro_batches = [[train_set[i] for i in mb] for mb in order.micro_batches(step)]
             loss_sum, step_tokens = accumulate_step(
                 model, micro_batches, lambda mb: to_device(collate(mb)), accelerator.backward, accelerator.autocast,
                 lambda last: contextlib.nullcontext() if last else accelerator.no_sync(model))
