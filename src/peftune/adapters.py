@@ -1,4 +1,4 @@
-"""PEFT method + options → peft config; apply; save in the PEFT layout and verify the result.
+"""Save an adapter in the PEFT layout and verify the result (the method itself: methods.py).
 
 Saving checks what alpaca-lora once got wrong (443-byte empty adapters): the written file must hold every
 trainable tensor, and at least one must differ from its value at initialisation.
@@ -16,25 +16,6 @@ from .errors import PeftuneError
 from .io import publish
 
 
-def lora_config(cfg):
-    from peft import LoraConfig, TaskType
-
-    targets = cfg.lora_target_modules
-    target = "all-linear" if targets == ["all-linear"] else targets
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=target, bias="none")
-
-
-def apply_adapter(model, cfg):
-    from peft import get_peft_model
-
-    try:
-        peft_model = get_peft_model(model, lora_config(cfg))
-    except ValueError as e:  # e.g. target modules not found in the model
-        raise PeftuneError(f"lora_target_modules {cfg.lora_target_modules}: {e}") from None
-    return peft_model
-
-
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -45,7 +26,7 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def save_adapter(model, output_dir: str, initial: dict[str, torch.Tensor], base_model_ref: str) -> str:
+def save_adapter(model, output_dir: str, initial: dict[str, torch.Tensor], base_model_ref: str, save=None) -> str:
     """Writes adapter_config.json + adapter_model.safetensors at the root of output_dir, after verifying them in a
     temporary directory; the files are renamed into place only once they check out."""
     from safetensors.torch import load_file
@@ -54,12 +35,13 @@ def save_adapter(model, output_dir: str, initial: dict[str, torch.Tensor], base_
     tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=output_dir)
     try:
         model.peft_config["default"].base_model_name_or_path = base_model_ref
-        model.save_pretrained(tmp, safe_serialization=True)
+        (save or (lambda m, d: m.save_pretrained(d, safe_serialization=True)))(model, tmp)
         weights = os.path.join(tmp, "adapter_model.safetensors")
         saved = load_file(weights)
         if not saved:
             raise RuntimeError("the saved adapter holds no tensors")
-        if len(saved) < len(initial):
+        # virtual-token methods save the prompt encoder's output (one tensor), not the encoder itself
+        if not model.peft_config["default"].is_prompt_learning and len(saved) < len(initial):
             raise RuntimeError(f"the saved adapter holds {len(saved)} tensors, the model trains {len(initial)}")
         changed = any(not torch.equal(p.detach().cpu(), initial[n].cpu())
                       for n, p in model.named_parameters() if p.requires_grad)

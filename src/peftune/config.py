@@ -27,9 +27,17 @@ class DataSource:
     """A `data_path` entry: a file path, or a mapping with the keys in SOURCE_KEYS."""
 
 
-def _f(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
-    """A config field carrying its help text (and allowed values) once."""
-    meta = {"help": help, "choices": choices}
+PEFT_METHODS = ("lora", "adalora", "ia3", "loha", "lokr", "prefix_tuning", "prompt_tuning", "p_tuning")
+LORA_LIKE = ("lora", "adalora", "loha", "lokr")
+VIRTUAL_TOKENS = ("prefix_tuning", "prompt_tuning", "p_tuning")
+
+
+def _f(default: Any, help: str, choices: Optional[tuple] = None, methods: Optional[tuple] = None) -> Any:
+    """A config field carrying its help text (and allowed values) once. `methods`: the peft_method values the key
+    applies to; set to anything but its default under another method, it is refused."""
+    if methods:
+        help = f"{help} [{', '.join(methods)}]"
+    meta = {"help": help, "choices": choices, "methods": methods}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -65,7 +73,9 @@ class TrainConfig:
     micro_batch_size: int = _f(4, "Samples per forward/backward pass on each process.")
     num_epochs: float = _f(3.0, "Passes over the training rows (fractions allowed).")
     max_steps: Optional[int] = _f(None, "Stop after this many optimizer steps (overrides num_epochs when reached first).")
-    learning_rate: float = _f(3e-4, "Peak learning rate of AdamW.")
+    learning_rate: Optional[float] = _f(None, "Peak learning rate of AdamW; empty = the chosen peft_method's default "
+                                        "(lora, loha, lokr 3e-4; adalora 1e-3; ia3 3e-3; p_tuning 1e-3; "
+                                        "prefix_tuning 1e-2; prompt_tuning 3e-2).")
     lr_scheduler: str = _f("cosine", "Learning-rate decay after warmup.", ("cosine", "linear", "constant"))
     warmup_steps: Optional[int] = _f(None, "Warmup optimizer steps (overrides warmup_ratio).")
     warmup_ratio: float = _f(0.05, "Warmup as a fraction of all optimizer steps.")
@@ -82,11 +92,63 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less memory, about a "
                                       "third slower.")
     seed: int = _f(42, "Random seed (data order, validation split, adapter init, dropout).")
-    # --- adapter ---
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: float = _f(32, "LoRA alpha; the update is scaled by lora_alpha / lora_r.")
-    lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
-    lora_target_modules: list[str] = _f(["all-linear"], "Modules that get LoRA: names (q_proj,v_proj …) or `all-linear`.")
+    # --- adapter: the method and its own settings (docs/methods.md compares them) ---
+    peft_method: str = _f("lora", "The PEFT method: `lora` (with the use_dora / use_rslora / lora_init / "
+                          "loraplus_lr_ratio variants), `adalora`, `ia3`, `loha`, `lokr` (weights added to the "
+                          "model's layers), or `prefix_tuning`, `prompt_tuning`, `p_tuning` (learned virtual tokens).",
+                          PEFT_METHODS)
+    lora_r: int = _f(16, "Rank of the low-rank update.", methods=("lora", "loha", "lokr"))
+    lora_alpha: float = _f(32, "Scaling numerator: the update is scaled by lora_alpha / lora_r "
+                           "(lora_alpha / sqrt(lora_r) with use_rslora).", methods=LORA_LIKE)
+    lora_dropout: float = _f(0.05, "Dropout on the adapter's input.", methods=("lora", "adalora"))
+    lora_target_modules: list[str] = _f(["all-linear"], "Modules that get the adapter: names (q_proj,v_proj …) or "
+                                        "`all-linear`.", methods=LORA_LIKE)
+    use_dora: bool = _f(False, "DoRA: split each update into magnitude and direction (better at low rank, about "
+                        "1.5-2x slower per step).", methods=("lora",))
+    use_rslora: bool = _f(False, "rsLoRA: scale by lora_alpha / sqrt(lora_r), which keeps high ranks learning.",
+                          methods=("lora",))
+    lora_init: str = _f("default", "How LoRA starts: `default` (B = 0, A Kaiming-uniform), `gaussian`, "
+                        "`orthogonal`, `pissa` (principal singular vectors; exact SVD), `pissa_niter_4` (fast SVD), "
+                        "`olora` (QR). pissa/olora change the frozen base weights while training; the saved "
+                        "adapter is converted so it works on the original base (its rank doubles).",
+                        ("default", "gaussian", "orthogonal", "pissa", "pissa_niter_4", "pissa_niter_16", "olora"),
+                        methods=("lora",))
+    loraplus_lr_ratio: Optional[float] = _f(None, "LoRA+: train the B matrices at learning_rate x this ratio "
+                                            "(16 is the paper's choice); empty = off.", methods=("lora",))
+    adalora_init_r: int = _f(12, "AdaLoRA: rank every module starts with.", methods=("adalora",))
+    adalora_target_r: int = _f(8, "AdaLoRA: average rank left after pruning (the budget).", methods=("adalora",))
+    adalora_tinit: Optional[int] = _f(None, "AdaLoRA: optimizer steps before ranks are pruned; empty = 10 % of "
+                                      "the steps.", methods=("adalora",))
+    adalora_tfinal: Optional[int] = _f(None, "AdaLoRA: last optimizer steps trained with the final ranks fixed; "
+                                       "empty = 20 % of the steps.", methods=("adalora",))
+    adalora_delta_t: int = _f(1, "AdaLoRA: re-allocate ranks every this many optimizer steps.",
+                              methods=("adalora",))
+    adalora_beta1: float = _f(0.85, "AdaLoRA: EMA factor of the importance (sensitivity) scores.",
+                              methods=("adalora",))
+    adalora_beta2: float = _f(0.85, "AdaLoRA: EMA factor of their uncertainty.", methods=("adalora",))
+    adalora_orth_reg_weight: float = _f(0.5, "AdaLoRA: weight of the orthogonality penalty on P and Q.",
+                                        methods=("adalora",))
+    ia3_target_modules: list[str] = _f([], "IA3: modules whose output (or input, for feed-forward ones) is "
+                                       "rescaled; empty = peft's choice for the architecture (LLaMA: k_proj, "
+                                       "v_proj, down_proj).", methods=("ia3",))
+    ia3_feedforward_modules: list[str] = _f([], "IA3: which of ia3_target_modules are feed-forward (scaled on "
+                                            "the input); empty = peft's choice (LLaMA: down_proj).",
+                                            methods=("ia3",))
+    num_virtual_tokens: int = _f(20, "Learned virtual tokens (prefix/prompt/p-tuning). These methods cannot pack "
+                                 "samples, so they train on padded batches.", methods=VIRTUAL_TOKENS)
+    prompt_tuning_init_text: Optional[str] = _f(None, "Prompt tuning: start the virtual tokens from the embedding "
+                                                "of this text (e.g. a task description); empty = random.",
+                                                methods=("prompt_tuning",))
+    encoder_hidden_size: Optional[int] = _f(None, "Hidden size of the prompt encoder (p_tuning, prefix_tuning with "
+                                            "prefix_projection); empty = the model's hidden size.",
+                                            methods=("p_tuning", "prefix_tuning"))
+    p_tuning_encoder: str = _f("MLP", "P-tuning: the prompt encoder, `MLP` or `LSTM`.", ("MLP", "LSTM"),
+                               methods=("p_tuning",))
+    prefix_projection: bool = _f(False, "Prefix tuning: produce the prefix through a 2-layer MLP (more parameters "
+                                 "while training, same adapter size).", methods=("prefix_tuning",))
+    load_in_4bit: bool = _f(False, "QLoRA: load the frozen base in 4-bit NF4 (double quantization, bf16 compute) "
+                            "through bitsandbytes (`pip install 'peftune[qlora]'`); saves memory, not time.")
+    load_in_8bit: bool = _f(False, "Load the frozen base in 8-bit (LLM.int8) through bitsandbytes.")
     # --- checkpoints and guards ---
     save_steps: int = _f(50, "Write a checkpoint (adapter, optimizer, scheduler, RNG, data position) every this many "
                          "optimizer steps and at the end of each epoch; 0 = only at epoch ends.")
@@ -118,7 +180,7 @@ class TrainConfig:
             raise PeftuneError(f"num_epochs: must be > 0, got {self.num_epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise PeftuneError(f"max_steps: must be >= 1, got {self.max_steps}")
-        if self.learning_rate <= 0:
+        if self.learning_rate is not None and self.learning_rate <= 0:
             raise PeftuneError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if self.val_set_size < 0 or (self.val_set_size >= 1 and self.val_set_size != int(self.val_set_size)):
             raise PeftuneError(f"val_set_size: a row count (>= 1) or a fraction (< 1), got {self.val_set_size}")
@@ -131,9 +193,35 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise PeftuneError(f"{f.name}: must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}"
                                    + _suggest(str(getattr(self, f.name)), choices))
+        foreign = [f.name for f in dataclasses.fields(self) if f.metadata.get("methods")
+                   and self.peft_method not in f.metadata["methods"] and getattr(self, f.name) != _default(f)]
+        if foreign:
+            owners = "; ".join(f"{k} is for {', '.join(self._field(k).metadata['methods'])}" for k in foreign)
+            raise PeftuneError(f"{', '.join(foreign)}: not used by peft_method {self.peft_method} ({owners}); remove "
+                               f"{'it' if len(foreign) == 1 else 'them'} or choose that method")
+        for name in ("adalora_init_r", "adalora_target_r", "adalora_delta_t", "num_virtual_tokens"):
+            if getattr(self, name) < 1:
+                raise PeftuneError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.adalora_target_r > self.adalora_init_r:
+            raise PeftuneError(f"adalora_target_r ({self.adalora_target_r}) cannot exceed adalora_init_r "
+                               f"({self.adalora_init_r}): AdaLoRA only prunes ranks")
+        for name in ("adalora_beta1", "adalora_beta2"):
+            if not 0 < getattr(self, name) < 1:
+                raise PeftuneError(f"{name}: must be in (0, 1), got {getattr(self, name)}")
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
+            raise PeftuneError(f"loraplus_lr_ratio: must be > 0, got {self.loraplus_lr_ratio}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise PeftuneError("load_in_4bit and load_in_8bit: choose one")
+
+    def _field(self, name: str):
+        return next(f for f in dataclasses.fields(self) if f.name == name)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _default(f) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 # -------------------------------------------------------------------- parsing
@@ -314,7 +402,7 @@ def help_text(cls=TrainConfig) -> str:
     lines = []
     types = _field_types(cls)
     for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = _default(f)
         typ = getattr(types[f.name], "__name__", str(types[f.name]).replace("typing.", ""))
         lines.append(f"  --{f.name} ({typ}, default: {default!r})\n      {f.metadata['help']}")
     return "\n".join(lines)
@@ -323,7 +411,7 @@ def help_text(cls=TrainConfig) -> str:
 def markdown_docs(cls=TrainConfig) -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = _default(f)
         rows.append(f"| `{f.name}` | `{default!r}` | {f.metadata['help'].replace('|', '/')} |")
     return ("# Training configuration\n\nGenerated from `src/peftune/config.py` by `peftune docs`; every key works in a "
             "YAML config and as `--key value` on the command line.\n\n" + "\n".join(rows) + "\n")

@@ -106,18 +106,46 @@ def load_tokenizer(base_model: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(base_model: str, trust_remote_code: bool = False, dtype=None):
-    """Loads weights only from safetensors (no pickles)."""
+def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False):
+    """QLoRA's 4-bit NF4 (double quantization, bf16 compute) or LLM.int8, through bitsandbytes; None for neither."""
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    key = "load_in_4bit" if load_in_4bit else "load_in_8bit"
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PeftuneError(f"{key} needs the bitsandbytes package: pip install 'peftune[qlora]' (bitsandbytes >= "
+                           "0.46 also runs on CPUs)") from None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if load_in_4bit:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(base_model: str, trust_remote_code: bool = False, dtype=None, load_in_4bit: bool = False,
+               load_in_8bit: bool = False):
+    """Loads weights only from safetensors (no pickles); optionally quantized by bitsandbytes."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(base_model)
+    quant = quantization_config(load_in_4bit, load_in_8bit)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+            path, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
+            **({"quantization_config": quant} if quant else {}))
     except (OSError, ValueError) as e:
         hint = " (offline: only models already in the local HF cache load)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise PeftuneError(f"base_model {base_model}: cannot load it{hint}: {_first_line(e)}") from None
+    except (RuntimeError, ImportError, NotImplementedError) as e:
+        if not quant:
+            raise
+        key = "load_in_4bit" if load_in_4bit else "load_in_8bit"
+        raise PeftuneError(f"{key}: bitsandbytes cannot quantize {base_model} on this machine "
+                           f"({_first_line(e)}); train without it") from None
     return model
 
 

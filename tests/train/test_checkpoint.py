@@ -153,7 +153,7 @@ def test_full_disk_keeps_earlier_checkpoints(tiny_model_dir, data_file, tmp_path
 
     def failing(tensors, path, *a, **k):
         calls["n"] += 1
-        if calls["n"] > 2:  # the first checkpoint (two safetensors files) succeeds, then the disk is full
+        if calls["n"] > 3:  # the first checkpoint (three safetensors files) succeeds, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, path, *a, **k)
 

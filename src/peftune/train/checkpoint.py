@@ -1,7 +1,8 @@
 """Atomic checkpoints and exact resume of the whole training state.
 
-A checkpoint is `output_dir/checkpoints/step-N/`: the adapter (PEFT layout), the optimizer's tensors
-(safetensors) and the RNG tensors, and `state.json` (step, counters, scheduler, optimizer hyper-parameters,
+A checkpoint is `output_dir/checkpoints/step-N/`: the adapter (PEFT layout, for users), every trainable tensor
+(for the resume), the method's own state (AdaLoRA's rank allocator), the optimizer's tensors and the RNG tensors
+(safetensors), and `state.json` (step, counters, scheduler, optimizer hyper-parameters,
 python/numpy RNG, a fingerprint of what shapes the trajectory, and the sha256 of every other file). It is written
 into a temporary directory and renamed into place, so it exists whole or not at all; `state.json` is verified on
 load. Nothing here unpickles: every tensor is safetensors, everything else JSON.
@@ -25,6 +26,8 @@ from ..errors import PeftuneError
 from . import faults
 
 STATE = "state.json"
+TRAINABLE = "trainable.safetensors"
+METHOD = "method.safetensors"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -77,13 +80,22 @@ def checkpoints_dir(output_dir: str) -> str:
 
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, counters: dict, fingerprint: dict,
-                    keep: int) -> str:
+                    keep: int, adapter=None) -> str:
     root = checkpoints_dir(output_dir)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step}")
     tmp = tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # the PEFT layout for users (`peftune chat --adapter .../step-N`), and every trainable tensor for the resume:
+        # some methods save less than they train (p-tuning saves its prompt encoder's output, not the encoder)
+        if adapter is not None:
+            adapter.save_pretrained(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        save_file(trainable_tensors(model), os.path.join(tmp, TRAINABLE))
+        method_state, method_tensors = adapter.state(model) if adapter is not None else ({}, {})
+        if method_tensors:
+            save_file(method_tensors, os.path.join(tmp, METHOD))
         opt_tensors, groups = _optimizer_tensors(optimizer)
         save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
         rng, rng_tensors = _rng_state()
@@ -91,7 +103,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, cou
         faults.point("in_checkpoint", step)
         files = {name: _sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         state = {"step": step, "counters": counters, "fingerprint": fingerprint, "scheduler": scheduler.state_dict(),
-                 "optimizer_groups": groups, "rng": rng, "files": files}
+                 "optimizer_groups": groups, "rng": rng, "method": method_state, "files": files}
         with open(os.path.join(tmp, STATE), "w", encoding="utf-8") as fh:
             json.dump(state, fh, default=lambda o: None)
             fh.flush()
@@ -168,18 +180,32 @@ def compare_fingerprints(saved: dict, current: dict, path: str) -> None:
                            "started with, or start over with --overwrite_output_dir true")
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
-    """Restores adapter weights, optimizer, scheduler and RNG; returns the state (step, counters)."""
-    from peft import set_peft_model_state_dict
+def trainable_tensors(model) -> dict:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
+
+def load_trainable(model, weights: dict, path: str) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(weights) or any(params[n].shape != weights[n].shape for n in params):
+        raise PeftuneError(f"checkpoint {path} does not fit this model's adapter (different method or settings)")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler, adapter=None) -> dict:
+    """Restores adapter weights, method state, optimizer, scheduler and RNG; returns the state (step, counters)."""
     state = read_state(path)
     try:
-        weights = load_file(os.path.join(path, "adapter_model.safetensors"))
+        weights = load_file(os.path.join(path, TRAINABLE))
+        method_tensors = load_file(os.path.join(path, METHOD)) if os.path.exists(os.path.join(path, METHOD)) else {}
         opt_tensors = load_file(os.path.join(path, "optimizer.safetensors"))
         rng_tensors = load_file(os.path.join(path, "rng.safetensors"))
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise PeftuneError(f"checkpoint {path} is corrupted: {type(e).__name__}: {str(e)[:200]}") from None
-    set_peft_model_state_dict(model, weights)
+    load_trainable(model, weights, path)
+    if adapter is not None:
+        adapter.load_state(model, state.get("method", {}), method_tensors)
     _load_optimizer(optimizer, opt_tensors, state["optimizer_groups"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"], rng_tensors)

@@ -52,18 +52,31 @@ def causal_lm_parts(model):
     return inner.get_decoder(), inner.get_output_embeddings()
 
 
+def uses_virtual_tokens(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
 def forward_loss_sum(model, batch: dict) -> torch.Tensor:
     """Runs the body without the full logits, then the chunked loss on labelled positions."""
     body, head = causal_lm_parts(model)
-    kwargs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-    hidden = body(**kwargs, use_cache=False).last_hidden_state
+    if uses_virtual_tokens(model):
+        # prefix/prompt/p-tuning: peft's own forward inserts the virtual tokens (or the prefix cache); it is asked for
+        # the final hidden states and only one position of logits. Prompt tuning prepends positions: keep the last T.
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+                    logits_to_keep=1)
+        hidden = out.hidden_states[-1][:, -batch["input_ids"].shape[1]:]
+    else:
+        kwargs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+        hidden = body(**kwargs, use_cache=False).last_hidden_state
     return lm_loss_sum(hidden, head, batch["targets"])
 
 
 def accumulate_step(model, micro_batches: list[list[dict]], collate, backward, forward_context=None,
-                    sync_context=None) -> tuple[float, int]:
+                    sync_context=None, penalty=None) -> tuple[float, int]:
     """Forward + backward over the micro-batches of one optimizer step. Each micro-batch's loss sum is divided by
-    the trained tokens of the whole step, so the accumulated gradient equals that of one big batch.
+    the trained tokens of the whole step, so the accumulated gradient equals that of one big batch. `penalty`
+    (e.g. AdaLoRA's orthogonality term) is added once per step, not per micro-batch, and is not in the reported loss.
     Returns (summed loss, trained tokens)."""
     step_tokens = sum(trained_tokens(mb) for mb in micro_batches)
     total = 0.0
@@ -74,4 +87,7 @@ def accumulate_step(model, micro_batches: list[list[dict]], collate, backward, f
             loss_sum = forward_loss_sum(model, collate(mb))
         backward(loss_sum / max(step_tokens, 1))
         total += loss_sum.item()
+    extra = penalty() if penalty else None
+    if extra is not None:
+        backward(extra)
     return total, step_tokens

@@ -7,6 +7,7 @@ wrapper's forward, so `peftune train` refuses more than one process until that p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from .. import adapters, models
+from .. import adapters, methods, models
 from ..config import TrainConfig, save_config
 from ..data import batching
 from ..data.render import Renderer, get_template
@@ -30,7 +31,8 @@ from .guards import StopRequest, finite, return_large_buffers_to_os
 from .loss import accumulate_step, forward_loss_sum
 from .metrics import MetricsLog, progress
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "adapter_config.json", "adapter_model.safetensors", "checkpoints")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "adapter_config.json", "adapter_model.safetensors", "checkpoints",
+             "initial-adapter")
 
 
 def split_validation(rows: list, val_set_size: float, seed: int) -> tuple[list, list]:
@@ -66,8 +68,8 @@ def prepare_output_dir(cfg: TrainConfig, resuming: bool) -> None:
 TRAJECTORY_KEYS = ("base_model", "prompt_template", "cutoff_len", "train_on_inputs", "mask_history", "add_eos_token",
                    "batch_size", "micro_batch_size", "num_epochs", "max_steps", "learning_rate", "lr_scheduler",
                    "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "group_by_length", "packing",
-                   "mixed_precision", "seed", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                   "nan_policy")
+                   "mixed_precision", "seed", "nan_policy", "peft_method", "load_in_4bit", "load_in_8bit",
+                   *(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("methods")))
 
 
 def run_fingerprint(cfg: TrainConfig, train_set: list[dict], num_processes: int) -> dict:
@@ -152,6 +154,7 @@ def prepare_data(cfg: TrainConfig, say=print) -> tuple:
 def train(cfg: TrainConfig, say=print) -> dict:
     from transformers import get_scheduler, set_seed
 
+    cfg = dataclasses.replace(cfg, learning_rate=methods.learning_rate(cfg))  # the method's default when unset
     precision, accelerator = make_accelerator(cfg)
     if cfg.release_memory and accelerator.device.type == "cpu":
         return_large_buffers_to_os()
@@ -162,6 +165,9 @@ def train(cfg: TrainConfig, say=print) -> dict:
     # 1. data: read and validate everything before a byte is written to output_dir
     tokenizer, train_set, val_set = prepare_data(cfg, say)
     fingerprint = run_fingerprint(cfg, train_set, accelerator.num_processes)
+    steps = batching.total_steps(len(train_set), cfg.batch_size, cfg.num_epochs, cfg.max_steps)
+    if cfg.peft_method == "adalora":
+        methods.adalora_schedule(cfg, steps)  # refuse a schedule with no pruning phase before writing anything
     resume = checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, say)
     if resume:
         checkpoint.compare_fingerprints(checkpoint.read_state(resume)["fingerprint"], fingerprint, resume)
@@ -169,29 +175,35 @@ def train(cfg: TrainConfig, say=print) -> dict:
     checkpoint.remove_partial(cfg.output_dir)
     if main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    packing = cfg.packing and not methods.uses_virtual_tokens(cfg)
+    if cfg.packing and not packing:
+        say(f"note: {cfg.peft_method} puts learned virtual tokens before every sample, so samples cannot be packed "
+            "into one row; training on padded batches")
 
     # 2. model + adapter (seeded first, so the same seed gives the same adapter)
     set_seed(cfg.seed)
-    base = models.load_model(cfg.base_model, cfg.trust_remote_code)
+    base = models.load_model(cfg.base_model, cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit,
+                             load_in_8bit=cfg.load_in_8bit)
     base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
-    if cfg.packing:
+    if packing:
         use_packed_attention(base)
     if cfg.gradient_checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = adapters.apply_adapter(base, cfg)
+    adapter = methods.Adapter(cfg, steps, models.resolve_model_path(cfg.base_model))
+    model = adapter.attach(base)
     initial = adapters.trainable_state(model)
     trainable, total_params = adapters.count_parameters(model)
-    say(f"trainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.2f} %)")
+    say(f"{cfg.peft_method}: trainable parameters: {trainable:,} of {total_params:,} "
+        f"({100 * trainable / total_params:.2f} %)")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    steps = batching.total_steps(len(train_set), cfg.batch_size, cfg.num_epochs, cfg.max_steps)
+    optimizer = adapter.optimizer(model, cfg.learning_rate)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * steps)
     warmup = min(warmup, steps - 1)  # warmup starts at lr 0: a run must have at least one step past it
     scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler),
                               optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    if cfg.packing:
+    if packing:
         collate = batching.collate_packed
     else:
         collate = lambda chunk: batching.collate_padded(chunk, tokenizer.pad_token_id)  # noqa: E731
@@ -207,7 +219,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
     counters = {"step": 0, "tokens": 0, "elapsed": 0.0, "window_loss": 0.0, "window_tokens": 0, "eval_loss": None}
     if resume:
         counters.update(checkpoint.load_checkpoint(resume, accelerator.unwrap_model(model), optimizer,
-                                                   scheduler)["counters"])
+                                                   scheduler, adapter)["counters"])
         keep_metrics_until(metrics_path, counters["step"])
         say(f"resumed from {resume} at step {counters['step']}")
     log = MetricsLog(metrics_path, accelerator) if main else None
@@ -221,7 +233,8 @@ def train(cfg: TrainConfig, say=print) -> dict:
             micro_batches = [[train_set[i] for i in mb] for mb in order.micro_batches(step)]
             loss_sum, step_tokens = accumulate_step(
                 model, micro_batches, lambda mb: to_device(collate(mb)), accelerator.backward, accelerator.autocast,
-                lambda last: contextlib.nullcontext() if last else accelerator.no_sync(model))
+                lambda last: contextlib.nullcontext() if last else accelerator.no_sync(model),
+                lambda: adapter.penalty(accelerator.unwrap_model(model)))
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             done = step + 1
             if not finite(loss_sum, float(grad_norm)):
@@ -234,6 +247,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
                 say(f"warning: non-finite loss or gradient at step {done}; step skipped")
             else:
                 optimizer.step()
+                adapter.after_optimizer_step(accelerator.unwrap_model(model), done)
                 optimizer.zero_grad(set_to_none=True)
                 counters["window_loss"] += loss_sum
                 counters["window_tokens"] += step_tokens
@@ -261,7 +275,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
             due = (cfg.save_steps and done % cfg.save_steps == 0) or done % per_epoch == 0
             if main and done < steps and (due or stop.signum):
                 checkpoint.save_checkpoint(cfg.output_dir, done, accelerator.unwrap_model(model), optimizer,
-                                           scheduler, counters, fingerprint, cfg.save_total_limit)
+                                           scheduler, counters, fingerprint, cfg.save_total_limit, adapter)
             if stop.signum:
                 bar.close()
                 raise TrainingInterrupted(
@@ -277,8 +291,10 @@ def train(cfg: TrainConfig, say=print) -> dict:
               "trainable_parameters": trainable, "base_model_bytes": base_bytes}
     if main:
         unwrapped = accelerator.unwrap_model(model)
-        path = adapters.save_adapter(unwrapped, cfg.output_dir, initial, models.resolve_model_path(cfg.base_model))
+        path = adapters.save_adapter(unwrapped, cfg.output_dir, initial, models.resolve_model_path(cfg.base_model),
+                                     adapter.save_pretrained)
         result["adapter_bytes"] = os.path.getsize(path)
+        adapter.close()
         log.close()
         say(f"adapter: {cfg.output_dir} ({adapters.human_bytes(result['adapter_bytes'])}; the base model is "
             f"{adapters.human_bytes(base_bytes)}, {base_bytes / result['adapter_bytes']:.0f}x larger)")
