@@ -23,7 +23,7 @@ CONVERTED_INITS = ("pissa", "olora")  # inits that move the base weights: saved 
 
 
 def learning_rate(cfg: TrainConfig) -> float:
-    return cfg.learning_rate if cfg.learning_rate is not None else DEFAULT_LR[cfg.peft_method]
+    return cfg.learning_rate if cfg.learning_rate is not None else DEFAULT_LR.get(cfg.peft_method, 3e-4)
 
 
 def uses_virtual_tokens(cfg: TrainConfig) -> bool:
@@ -154,8 +154,12 @@ class Adapter:
         """The PEFT layout (adapter_config.json + adapter_model.safetensors), loadable with PeftModel.from_pretrained
         on the original base."""
         if self.init_dir:
+            # the conversion loads the initial adapter with load_adapter(), which switches the whole model to eval
+            # mode (no dropout for the rest of training); the mode is put back
+            training = model.training
             model.save_pretrained(directory, safe_serialization=True,
                                   path_initial_model_for_weight_conversion=self.init_dir)
+            model.train(training)
         else:
             model.save_pretrained(directory, safe_serialization=True)
 

@@ -48,11 +48,35 @@ class Chat:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  repetition_penalty=repetition_penalty, pad_token_id=self.tokenizer.pad_token_id,
-                                  eos_token_id=self.tokenizer.eos_token_id, streamer=streamer, **sampling)
-        text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        new = generate(self.model, ids, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                       streamer=streamer, **sampling)
+        text = self.tokenizer.decode(new[0], skip_special_tokens=True)
         return text.rstrip("\ufffd").strip()  # a character cut in half by max_new_tokens is dropped, not mangled
+
+
+def generate(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The new tokens of `model.generate` for a batch of unpadded prompts.
+
+    Virtual-token adapters (prefix/prompt/p-tuning) are generated through the base model here: with transformers 5's
+    renamed `cache` argument, peft 0.21's generation drops the prefix (prefix tuning) and inserts the virtual tokens
+    again at every step (prompt/p-tuning), so its answers differ from what the model was trained to compute
+    (tests/infer/test_chat.py measures it). The virtual tokens go in once, as peft's forward puts them in training:
+    prompt embeddings before the input embeddings, or the prefix as a pre-filled cache with positions after it."""
+    config = getattr(model, "active_peft_config", None)
+    ones = torch.ones_like(ids)
+    if not getattr(config, "is_prompt_learning", False):
+        return model.generate(input_ids=ids, attention_mask=ones, **kwargs)[:, ids.shape[1]:]
+    base, n, batch = model.get_base_model(), config.num_virtual_tokens, ids.shape[0]
+    virtual = torch.ones((batch, n), dtype=ids.dtype, device=ids.device)
+    if config.peft_type == "PREFIX_TUNING":
+        full = torch.cat([virtual * (kwargs.get("pad_token_id") or 0), ids], dim=1)  # placeholders for the prefix
+        out = base.generate(input_ids=full, attention_mask=torch.ones_like(full),
+                            past_key_values=model.get_prompt(batch_size=batch), **kwargs)
+        return out[:, full.shape[1]:]
+    embeds = base.get_input_embeddings()(ids)
+    embeds = torch.cat([model.get_prompt(batch_size=batch).to(embeds.dtype), embeds], dim=1)
+    return base.generate(inputs_embeds=embeds, attention_mask=torch.cat([virtual, ones], dim=1), **kwargs)
 
 
 def repl(chat: Chat, system: str | None, **gen) -> None:
