@@ -3,6 +3,7 @@ exact resume for LoRA-like (AdaLoRA) and virtual-token (prefix tuning) methods; 
 (virtual-token loss, AdaLoRA penalty, PiSSA conversion) checked against peft's own computation."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -39,7 +40,10 @@ CASES = {  # name: (extra options, peft_type in adapter_config.json)
                        "--prompt_tuning_init_text", "You are Aurora."], "PROMPT_TUNING"),
     "p_tuning": (["--peft_method", "p_tuning", "--num_virtual_tokens", "5", "--encoder_hidden_size", "32"],
                  "P_TUNING"),
+    "qlora": (["--lora_r", "4", "--load_in_4bit", "true"], "LORA"),
+    "ia3_8bit": (["--peft_method", "ia3", "--load_in_8bit", "true"], "IA3"),
 }
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -47,6 +51,8 @@ def test_method_trains_saves_reloads_and_chats(name, tiny_model_dir, data_file, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    if "bit" in " ".join(CASES[name][0]) and not HAS_BNB:
+        pytest.skip("bitsandbytes is not installed (pip install 'peftune[qlora]')")
     extra, peft_type = CASES[name]
     out = tmp_path / "run"
     assert cli.main(["train", "--base_model", tiny_model_dir, "--data_path", data_file, "--output_dir", str(out),
@@ -89,6 +95,8 @@ def test_method_trains_saves_reloads_and_chats(name, tiny_model_dir, data_file, 
      "leave no rank-pruning phase in 5 optimizer steps"),
     (["--peft_method", "ia3", "--ia3_target_modules", "nonexistent_proj"], "peft_method ia3 (ia3_target_modules)"),
     (["--load_in_4bit", "--load_in_8bit"], "load_in_4bit and load_in_8bit: choose one"),
+    (["--peft_method", "prefix_tuning", "--prefix_projection", "--prefix_init_text", "Hi"],
+     "prefix_init_text sets the prefix itself"),
 ])
 def test_refused_settings(extra, message, tiny_model_dir, data_file, tmp_path, capsys):
     out = tmp_path / "run"
@@ -227,3 +235,15 @@ def test_kill_9_then_resume_is_bit_identical(name, fault, tiny_model_dir, data_f
     assert "resumed from" in resumed.stdout
     assert _sha(out / "adapter_model.safetensors") == _sha(ref / "adapter_model.safetensors")
     assert open(out / "metrics.jsonl").read().count("\n") == open(ref / "metrics.jsonl").read().count("\n")
+
+
+def test_prefix_from_text_computes_what_the_base_computes_after_that_text(tiny_model_dir, tokenizer):
+    model = _peft(tiny_model_dir, TrainConfig(peft_method="prefix_tuning", num_virtual_tokens=6,
+                                              prefix_init_text="abcd")).eval()
+    text = tokenizer("abcd", add_special_tokens=False)["input_ids"]
+    prefix = (text * 2)[:6]  # repeated to num_virtual_tokens
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        reference = model.get_base_model()(input_ids=torch.tensor([prefix + [5, 6, 7, 8]])).logits[:, 6:]
+    assert torch.allclose(ours, reference, atol=1e-5)

@@ -28,6 +28,14 @@ def _quiet_libraries() -> None:
 
     # raised inside peft/accelerate for a renamed transformers API; nothing a user can act on
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # peft's prefix tuning still passes the `past_key_values` that transformers 5 renamed `cache` (handled for us)
+    warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
+    # AdaLoRA adapters: peft checks their rank_pattern (one flag per rank) as if it were LoRA's (one rank per
+    # module), and calls a module pruned to rank 0 a ZeRO-3 shard; both adapters load and work (tests/test_methods.py)
+    warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
+    warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape")
+    # bitsandbytes' 8-bit matmul says this on every layer call
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 

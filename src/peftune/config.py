@@ -139,6 +139,9 @@ class TrainConfig:
     prompt_tuning_init_text: Optional[str] = _f(None, "Prompt tuning: start the virtual tokens from the embedding "
                                                 "of this text (e.g. a task description); empty = random.",
                                                 methods=("prompt_tuning",))
+    prefix_init_text: Optional[str] = _f(None, "Prefix tuning: start the prefix from the keys/values the base "
+                                         "computes for this text (repeated or cut to num_virtual_tokens tokens); "
+                                         "empty = random. Not with prefix_projection.", methods=("prefix_tuning",))
     encoder_hidden_size: Optional[int] = _f(None, "Hidden size of the prompt encoder (p_tuning, prefix_tuning with "
                                             "prefix_projection); empty = the model's hidden size.",
                                             methods=("p_tuning", "prefix_tuning"))
@@ -210,6 +213,9 @@ class TrainConfig:
                 raise PeftuneError(f"{name}: must be in (0, 1), got {getattr(self, name)}")
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
             raise PeftuneError(f"loraplus_lr_ratio: must be > 0, got {self.loraplus_lr_ratio}")
+        if self.prefix_init_text and self.prefix_projection:
+            raise PeftuneError("prefix_init_text sets the prefix itself; prefix_projection computes it with an MLP: "
+                               "choose one")
         if self.load_in_4bit and self.load_in_8bit:
             raise PeftuneError("load_in_4bit and load_in_8bit: choose one")
 

@@ -104,6 +104,8 @@ class Adapter:
         except ValueError as e:  # e.g. target modules not in the model
             keys = "lora_target_modules" if self.cfg.peft_method != "ia3" else "ia3_target_modules"
             raise PeftuneError(f"peft_method {self.cfg.peft_method} ({keys}): {str(e).splitlines()[0]}") from None
+        if self.cfg.peft_method == "prefix_tuning" and self.cfg.prefix_init_text:
+            init_prefix_from_text(model, self.model_path, self.cfg.prefix_init_text)
         if self.cfg.peft_method == "lora" and self.cfg.lora_init.startswith(CONVERTED_INITS):
             # the initial adapter, kept so the final one can be converted to plain LoRA on the untouched base
             self.init_dir = os.path.join(self.cfg.output_dir, "initial-adapter")
@@ -179,3 +181,24 @@ def orth_penalty(model) -> torch.Tensor:
             terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)))
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
+
+
+@torch.no_grad()
+def init_prefix_from_text(model, tokenizer_path: str, text: str) -> None:
+    """Start a prefix from the keys and values the frozen base computes for real text (Li & Liang 2021: such
+    prefixes train better than random ones; peft initialises prefix tuning only randomly, though it offers text
+    init for prompt tuning). The text is repeated or cut to num_virtual_tokens tokens; with this prefix the
+    untrained adapter computes exactly what the base computes with the text before the input."""
+    from transformers import AutoTokenizer
+
+    config = model.peft_config["default"]
+    n = config.num_virtual_tokens
+    ids = AutoTokenizer.from_pretrained(tokenizer_path)(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise PeftuneError("prefix_init_text: the text has no tokens")
+    ids = (ids * -(-n // len(ids)))[:n]
+    cache = model.get_base_model()(input_ids=torch.tensor([ids], device=model.device), use_cache=True).cache
+    # peft's layout (PeftModel.get_prompt): per virtual token, layer by layer, the key then the value of every head
+    rows = [t[0].transpose(0, 1).reshape(n, -1) for layer in cache.layers for t in (layer.keys, layer.values)]
+    embedding = model.prompt_encoder["default"].embedding.weight
+    embedding.copy_(torch.cat(rows, dim=1).to(embedding.dtype))

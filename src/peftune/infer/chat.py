@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 import yaml
@@ -30,7 +31,14 @@ class Chat:
                     base_model = json.load(fh).get("base_model_name_or_path")
         base_model = base_model or run.get("base_model") or EMBEDDED_MODEL
         self.tokenizer = models.load_tokenizer(base_model, trust_remote_code)
-        model = models.load_model(base_model, trust_remote_code)
+        quantized = {k: bool(run.get(k)) for k in ("load_in_4bit", "load_in_8bit")}
+        if any(quantized.values()):  # a QLoRA adapter answers best on the base it was trained against
+            try:
+                models.quantization_config(**quantized)
+            except PeftuneError as e:
+                print(f"note: {e}; answering with the unquantized base", file=sys.stderr)
+                quantized = {}
+        model = models.load_model(base_model, trust_remote_code, **quantized)
         if adapter:
             from peft import PeftModel
 
