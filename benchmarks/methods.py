@@ -40,7 +40,8 @@ METHODS = {
     "ia3": (["--peft_method", "ia3"], "IA3 on k, v, down"),
     "loha": (["--peft_method", "loha"], "LoHa r=16"),
     "lokr": (["--peft_method", "lokr"], "LoKr r=16"),
-    "prefix_tuning": (["--peft_method", "prefix_tuning"], "prefix tuning, 20 tokens"),
+    "prefix_tuning": (["--peft_method", "prefix_tuning"], "prefix tuning, 20 tokens from text"),
+    "prefix_random": (["--peft_method", "prefix_tuning", "--prefix_init_text", ""], "prefix tuning, random init"),
     "prompt_tuning": (["--peft_method", "prompt_tuning"], "prompt tuning, 20 tokens"),
     "p_tuning": (["--peft_method", "p_tuning"], "P-tuning, 20 tokens, MLP"),
 }

@@ -104,7 +104,7 @@ class Adapter:
         except ValueError as e:  # e.g. target modules not in the model
             keys = "lora_target_modules" if self.cfg.peft_method != "ia3" else "ia3_target_modules"
             raise PeftuneError(f"peft_method {self.cfg.peft_method} ({keys}): {str(e).splitlines()[0]}") from None
-        if self.cfg.peft_method == "prefix_tuning" and self.cfg.prefix_init_text:
+        if self.cfg.peft_method == "prefix_tuning" and self.cfg.prefix_init_text and not self.cfg.prefix_projection:
             init_prefix_from_text(model, self.model_path, self.cfg.prefix_init_text)
         if self.cfg.peft_method == "lora" and self.cfg.lora_init.startswith(CONVERTED_INITS):
             # the initial adapter, kept so the final one can be converted to plain LoRA on the untouched base
@@ -147,9 +147,10 @@ class Adapter:
             return
         alloc = model.base_model.rankallocator
         alloc.reset_ipt()
+        device = next(p for p in model.parameters() if p.requires_grad).device
         for key, t in tensors.items():
             kind, name = key.split("|", 1)
-            getattr(alloc, kind)[name] = t
+            getattr(alloc, kind)[name] = t.to(device)
         model.peft_config["default"].rank_pattern = state.get("rank_pattern")
 
     def save_pretrained(self, model, directory: str) -> None:
