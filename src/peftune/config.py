@@ -105,8 +105,8 @@ class TrainConfig:
     lora_dropout: float = _f(0.05, "Dropout on the adapter's input.", methods=("lora", "adalora"))
     lora_target_modules: list[str] = _f(["all-linear"], "Modules that get the adapter: names (q_proj,v_proj …) or "
                                         "`all-linear`.", methods=LORA_LIKE)
-    use_dora: bool = _f(False, "DoRA: split each update into magnitude and direction (better at low rank, about "
-                        "1.5-2x slower per step).", methods=("lora",))
+    use_dora: bool = _f(False, "DoRA: split each update into magnitude and direction (better at low rank; about 2x "
+                        "slower per token on a CPU, docs/methods.md).", methods=("lora",))
     use_rslora: bool = _f(False, "rsLoRA: scale by lora_alpha / sqrt(lora_r), which keeps high ranks learning.",
                           methods=("lora",))
     lora_init: str = _f("default", "How LoRA starts: `default` (B = 0, A Kaiming-uniform), `gaussian`, "
