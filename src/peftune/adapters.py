@@ -20,9 +20,15 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _numel(p) -> int:
+    """Logical parameter count; a bitsandbytes 4-bit tensor stores two values per byte (its quant_state knows)."""
+    state = getattr(p, "quant_state", None)
+    return state.shape.numel() if state is not None and hasattr(state, "shape") else p.numel()
+
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_numel(p) for p in model.parameters())
     return trainable, total
 
 

@@ -34,6 +34,11 @@ def _quiet_libraries() -> None:
     # module), and calls a module pruned to rank 0 a ZeRO-3 shard; both adapters load and work (tests/test_methods.py)
     warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
     warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape")
+    # bitsandbytes (imported by peft whenever installed) asks for an optional hub kernel package on every import;
+    # its CPU path works without it
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # bitsandbytes' 8-bit matmul says this on every layer call
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     transformers.logging.set_verbosity_error()
