@@ -122,10 +122,11 @@ def test_default_learning_rate_follows_the_method():
 
 # ---------------------------------------------------------------- the hand-written pieces against peft's own
 def _peft(tiny_model_dir, cfg, steps=10):
+    from conftest import make_tokenizer
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    return methods.Adapter(cfg, steps, tiny_model_dir).attach(base)
+    return methods.Adapter(cfg, steps, tiny_model_dir, make_tokenizer()).attach(base)
 
 
 def _padded_batch(tokenizer, rows):
@@ -170,14 +171,14 @@ def test_adalora_penalty_equals_peft(tiny_model_dir):
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_pissa_olora_adapter_is_converted_for_the_original_base(init, tiny_model_dir, tmp_path):
+def test_pissa_olora_adapter_is_converted_for_the_original_base(init, tiny_model_dir, tokenizer, tmp_path):
     """PiSSA/OLoRA rewrite the base weights; the saved adapter must reproduce the trained model on the original
     base (peft's conversion), or chat would silently answer with a different model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     cfg = TrainConfig(peft_method="lora", lora_init=init, lora_r=4, lora_dropout=0.0, output_dir=str(tmp_path))
-    adapter = methods.Adapter(cfg, 10, tiny_model_dir)
+    adapter = methods.Adapter(cfg, 10, tiny_model_dir, tokenizer)
     model = adapter.attach(AutoModelForCausalLM.from_pretrained(tiny_model_dir)).eval()
     with torch.no_grad():
         for p in model.parameters():

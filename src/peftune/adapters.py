@@ -14,6 +14,7 @@ import torch
 
 from .errors import PeftuneError
 from .io import publish
+from .methods import has_virtual_tokens
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -32,22 +33,23 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def save_adapter(model, output_dir: str, initial: dict[str, torch.Tensor], base_model_ref: str, save=None) -> str:
+def save_adapter(model, output_dir: str, initial: dict[str, torch.Tensor], base_model_ref: str, save) -> str:
     """Writes adapter_config.json + adapter_model.safetensors at the root of output_dir, after verifying them in a
-    temporary directory; the files are renamed into place only once they check out."""
+    temporary directory; the files are renamed into place only once they check out. `save(model, directory)` writes
+    the PEFT layout (methods.Adapter.save_pretrained)."""
     from safetensors.torch import load_file
 
     os.makedirs(output_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=output_dir)
     try:
         model.peft_config["default"].base_model_name_or_path = base_model_ref
-        (save or (lambda m, d: m.save_pretrained(d, safe_serialization=True)))(model, tmp)
+        save(model, tmp)
         weights = os.path.join(tmp, "adapter_model.safetensors")
         saved = load_file(weights)
         if not saved:
             raise RuntimeError("the saved adapter holds no tensors")
         # virtual-token methods save the prompt encoder's output (one tensor), not the encoder itself
-        if not model.peft_config["default"].is_prompt_learning and len(saved) < len(initial):
+        if not has_virtual_tokens(model) and len(saved) < len(initial):
             raise RuntimeError(f"the saved adapter holds {len(saved)} tensors, the model trains {len(initial)}")
         changed = any(not torch.equal(p.detach().cpu(), initial[n].cpu())
                       for n, p in model.named_parameters() if p.requires_grad)

@@ -177,7 +177,8 @@ class TrainConfig:
             raise PeftuneError("data_path: give at least one data file (e.g. `--data_path data/alpaca_en_demo.json`)")
         if self.save_steps < 0 or self.save_total_limit < 1:
             raise PeftuneError("save_steps must be >= 0 and save_total_limit >= 1")
-        for name in ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "eval_steps", "logging_steps"):
+        for name in ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "eval_steps", "logging_steps",
+                     "adalora_init_r", "adalora_target_r", "adalora_delta_t", "num_virtual_tokens"):
             if getattr(self, name) < 1:
                 raise PeftuneError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.batch_size % (self.micro_batch_size * num_processes):
@@ -201,15 +202,12 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise PeftuneError(f"{f.name}: must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}"
                                    + _suggest(str(getattr(self, f.name)), choices))
-        foreign = [f.name for f in dataclasses.fields(self) if f.metadata.get("methods")
+        foreign = [f for f in dataclasses.fields(self) if f.metadata.get("methods")
                    and self.peft_method not in f.metadata["methods"] and getattr(self, f.name) != _default(f)]
         if foreign:
-            owners = "; ".join(f"{k} is for {', '.join(self._field(k).metadata['methods'])}" for k in foreign)
-            raise PeftuneError(f"{', '.join(foreign)}: not used by peft_method {self.peft_method} ({owners}); remove "
-                               f"{'it' if len(foreign) == 1 else 'them'} or choose that method")
-        for name in ("adalora_init_r", "adalora_target_r", "adalora_delta_t", "num_virtual_tokens"):
-            if getattr(self, name) < 1:
-                raise PeftuneError(f"{name}: must be >= 1, got {getattr(self, name)}")
+            owners = "; ".join(f"{f.name} is for {', '.join(f.metadata['methods'])}" for f in foreign)
+            raise PeftuneError(f"{', '.join(f.name for f in foreign)}: not used by peft_method {self.peft_method} "
+                               f"({owners}); remove {'it' if len(foreign) == 1 else 'them'} or choose that method")
         if self.adalora_target_r > self.adalora_init_r:
             raise PeftuneError(f"adalora_target_r ({self.adalora_target_r}) cannot exceed adalora_init_r "
                                f"({self.adalora_init_r}): AdaLoRA only prunes ranks")
@@ -223,9 +221,6 @@ class TrainConfig:
                                "choose one")
         if self.load_in_4bit and self.load_in_8bit:
             raise PeftuneError("load_in_4bit and load_in_8bit: choose one")
-
-    def _field(self, name: str):
-        return next(f for f in dataclasses.fields(self) if f.name == name)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

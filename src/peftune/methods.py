@@ -31,6 +31,11 @@ def uses_virtual_tokens(cfg: TrainConfig) -> bool:
     return cfg.peft_method in VIRTUAL_TOKENS
 
 
+def has_virtual_tokens(model) -> bool:
+    """Whether a (peft) model's active adapter is a prefix/prompt/p-tuning one."""
+    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+
+
 def adalora_schedule(cfg: TrainConfig, steps: int) -> tuple[int, int]:
     tinit = cfg.adalora_tinit if cfg.adalora_tinit is not None else int(0.1 * steps)
     tfinal = cfg.adalora_tfinal if cfg.adalora_tfinal is not None else int(0.2 * steps)
@@ -88,8 +93,8 @@ def peft_config(cfg: TrainConfig, steps: int, model_path: str):
 class Adapter:
     """A peft model plus the per-method steps around it: optimizer, after-step hook, penalty, extra state, save."""
 
-    def __init__(self, cfg: TrainConfig, steps: int, model_path: str):
-        self.cfg, self.steps, self.model_path = cfg, steps, model_path
+    def __init__(self, cfg: TrainConfig, steps: int, model_path: str, tokenizer):
+        self.cfg, self.steps, self.model_path, self.tokenizer = cfg, steps, model_path, tokenizer
         self.init_dir: str | None = None  # PiSSA/OLoRA: the adapter as initialised (recreated identically on resume)
 
     def attach(self, base):
@@ -105,7 +110,7 @@ class Adapter:
             keys = "lora_target_modules" if self.cfg.peft_method != "ia3" else "ia3_target_modules"
             raise PeftuneError(f"peft_method {self.cfg.peft_method} ({keys}): {str(e).splitlines()[0]}") from None
         if self.cfg.peft_method == "prefix_tuning" and self.cfg.prefix_init_text and not self.cfg.prefix_projection:
-            init_prefix_from_text(model, self.model_path, self.cfg.prefix_init_text)
+            init_prefix_from_text(model, self.tokenizer, self.cfg.prefix_init_text)
         if self.cfg.peft_method == "lora" and self.cfg.lora_init.startswith(CONVERTED_INITS):
             # the initial adapter, kept so the final one can be converted to plain LoRA on the untouched base
             self.init_dir = os.path.join(self.cfg.output_dir, "initial-adapter")
@@ -183,18 +188,14 @@ def orth_penalty(model) -> torch.Tensor:
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
-
 @torch.no_grad()
-def init_prefix_from_text(model, tokenizer_path: str, text: str) -> None:
+def init_prefix_from_text(model, tokenizer, text: str) -> None:
     """Start a prefix from the keys and values the frozen base computes for real text (Li & Liang 2021: such
     prefixes train better than random ones; peft initialises prefix tuning only randomly, though it offers text
     init for prompt tuning). The text is repeated or cut to num_virtual_tokens tokens; with this prefix the
     untrained adapter computes exactly what the base computes with the text before the input."""
-    from transformers import AutoTokenizer
-
-    config = model.peft_config["default"]
-    n = config.num_virtual_tokens
-    ids = AutoTokenizer.from_pretrained(tokenizer_path)(text, add_special_tokens=False)["input_ids"]
+    n = model.peft_config["default"].num_virtual_tokens
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise PeftuneError("prefix_init_text: the text has no tokens")
     ids = (ids * -(-n // len(ids)))[:n]

@@ -20,12 +20,13 @@ class Recorder:
 
 
 @pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning", "p_tuning", "lora"])
-def test_generate_matches_the_training_forward(method, tiny_model_dir):
+def test_generate_matches_the_training_forward(method, tiny_model_dir, tokenizer):
     from transformers import AutoModelForCausalLM, LogitsProcessorList
 
     torch.manual_seed(0)
     cfg = TrainConfig(peft_method=method, num_virtual_tokens=4) if method != "lora" else TrainConfig(lora_r=4)
-    model = methods.Adapter(cfg, 10, tiny_model_dir).attach(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    model = methods.Adapter(cfg, 10, tiny_model_dir, tokenizer).attach(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

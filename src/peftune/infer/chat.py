@@ -13,6 +13,7 @@ from .. import models
 from ..config import EMBEDDED_MODEL
 from ..data.render import Renderer, get_template
 from ..errors import PeftuneError
+from ..methods import has_virtual_tokens
 
 
 class Chat:
@@ -71,10 +72,10 @@ def generate(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     again at every step (prompt/p-tuning), so its answers differ from what the model was trained to compute
     (tests/infer/test_chat.py measures it). The virtual tokens go in once, as peft's forward puts them in training:
     prompt embeddings before the input embeddings, or the prefix as a pre-filled cache with positions after it."""
-    config = getattr(model, "active_peft_config", None)
     ones = torch.ones_like(ids)
-    if not getattr(config, "is_prompt_learning", False):
+    if not has_virtual_tokens(model):
         return model.generate(input_ids=ids, attention_mask=ones, **kwargs)[:, ids.shape[1]:]
+    config = model.active_peft_config
     base, n, batch = model.get_base_model(), config.num_virtual_tokens, ids.shape[0]
     virtual = torch.ones((batch, n), dtype=ids.dtype, device=ids.device)
     if config.peft_type == "PREFIX_TUNING":

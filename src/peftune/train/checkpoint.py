@@ -80,7 +80,7 @@ def checkpoints_dir(output_dir: str) -> str:
 
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, counters: dict, fingerprint: dict,
-                    keep: int, adapter=None) -> str:
+                    keep: int, adapter) -> str:
     root = checkpoints_dir(output_dir)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step}")
@@ -88,12 +88,9 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, cou
     try:
         # the PEFT layout for users (`peftune chat --adapter .../step-N`), and every trainable tensor for the resume:
         # some methods save less than they train (p-tuning saves its prompt encoder's output, not the encoder)
-        if adapter is not None:
-            adapter.save_pretrained(model, tmp)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
+        adapter.save_pretrained(model, tmp)
         save_file(trainable_tensors(model), os.path.join(tmp, TRAINABLE))
-        method_state, method_tensors = adapter.state(model) if adapter is not None else ({}, {})
+        method_state, method_tensors = adapter.state(model)
         if method_tensors:
             save_file(method_tensors, os.path.join(tmp, METHOD))
         opt_tensors, groups = _optimizer_tensors(optimizer)
@@ -193,7 +190,7 @@ def load_trainable(model, weights: dict, path: str) -> None:
             p.copy_(weights[n])
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, adapter=None) -> dict:
+def load_checkpoint(path: str, model, optimizer, scheduler, adapter) -> dict:
     """Restores adapter weights, method state, optimizer, scheduler and RNG; returns the state (step, counters)."""
     state = read_state(path)
     try:
@@ -204,8 +201,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, adapter=None) -> dic
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise PeftuneError(f"checkpoint {path} is corrupted: {type(e).__name__}: {str(e)[:200]}") from None
     load_trainable(model, weights, path)
-    if adapter is not None:
-        adapter.load_state(model, state.get("method", {}), method_tensors)
+    adapter.load_state(model, state.get("method", {}), method_tensors)
     _load_optimizer(optimizer, opt_tensors, state["optimizer_groups"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"], rng_tensors)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..data.batching import trained_tokens
+from ..methods import has_virtual_tokens
 from ..data.render import IGNORE
 
 CHUNK = 1024  # tokens of logits alive at once (about 200 MB of fp32 logits for a 49k vocabulary)
@@ -52,15 +53,10 @@ def causal_lm_parts(model):
     return inner.get_decoder(), inner.get_output_embeddings()
 
 
-def uses_virtual_tokens(model) -> bool:
-    config = getattr(model, "active_peft_config", None)
-    return bool(getattr(config, "is_prompt_learning", False))
-
-
 def forward_loss_sum(model, batch: dict) -> torch.Tensor:
     """Runs the body without the full logits, then the chunked loss on labelled positions."""
     body, head = causal_lm_parts(model)
-    if uses_virtual_tokens(model):
+    if has_virtual_tokens(model):
         # prefix/prompt/p-tuning: peft's own forward inserts the virtual tokens (or the prefix cache); it is asked for
         # the final hidden states and only one position of logits. Prompt tuning prepends positions: keep the last T.
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,

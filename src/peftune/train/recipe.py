@@ -189,7 +189,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
         use_packed_attention(base)
     if cfg.gradient_checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    adapter = methods.Adapter(cfg, steps, models.resolve_model_path(cfg.base_model))
+    adapter = methods.Adapter(cfg, steps, models.resolve_model_path(cfg.base_model), tokenizer)
     model = adapter.attach(base)
     initial = adapters.trainable_state(model)
     trainable, total_params = adapters.count_parameters(model)
