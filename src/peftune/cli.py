@@ -14,8 +14,8 @@ USAGE = """usage: peftune <command> [options]
 commands:
   train [CONFIG.yaml] [--key value ...]   fine-tune an adapter (peftune train --help lists every key)
   chat --adapter DIR [options]            talk to the base model + adapter (peftune chat --help)
-  data inspect PATH... [options]          validate and tokenize data as training would, and report
-                                          (--json, --show K, --plot FILE.png, --format F, any train key)
+  data inspect CONFIG.yaml|FILE... [opts] validate and tokenize data as training would, and report
+                                          (peftune data inspect --help)
   docs [FILE]                             write the config reference (docs/config.md)
 """
 
@@ -58,8 +58,25 @@ def cmd_train(argv: list[str]) -> int:
     _quiet_libraries()
     from .train.recipe import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except TrainingInterrupted as e:
+        raise TrainingInterrupted(f"{e}. Resume with:\n  {resume_command(argv)}", e.exit_code) from None
     return 0
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues an interrupted run: the same arguments, with --resume_from_checkpoint auto."""
+    import shlex
+
+    kept, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith("--resume_from_checkpoint") or argv[i].startswith("--resume-from-checkpoint"):
+            i += 1 if "=" in argv[i] else 2
+            continue
+        kept.append(argv[i])
+        i += 1
+    return shlex.join(["peftune", "train", *kept, "--resume_from_checkpoint", "auto"])
 
 
 def cmd_chat(argv: list[str]) -> int:
@@ -72,48 +89,91 @@ def cmd_chat(argv: list[str]) -> int:
     return chat.run(args)
 
 
+DATA_USAGE = """usage: peftune data inspect CONFIG.yaml [--key value ...] [options]
+       peftune data inspect FILE... [--format F] [--columns.OURS THEIRS ...] [--key value ...] [options]
+
+Reads, validates and tokenizes the data exactly as `peftune train` would, and reports per source and for the
+mix: format, rows, bad rows, token-length percentiles, rows truncated at cutoff_len, the share of tokens that
+carry loss, and duplicate rows.
+
+  CONFIG.yaml              a training config: its data_path (mixtures, column maps, weights), data_vars,
+                           base_model, prompt_template, system_prompt, cutoff_len ... exactly as train reads them
+  FILE...                  data files instead of a config (.json, .jsonl, .csv, .parquet, save_to_disk dirs)
+  --format F               with FILEs: alpaca, sharegpt, openai, prompt_completion or text (else detected)
+  --columns.OURS THEIRS    with FILEs: map a field, e.g. --columns.instruction question --columns.output answer
+  --json                   print one machine-readable JSON object
+  --show K                 print K rendered samples with the trained text marked
+  --plot FILE.png          write a histogram of sample lengths with cutoff_len marked
+  --key value              any `peftune train` key (--base_model, --cutoff_len, --data_vars.name, ...)"""
+
+
+def _inspect_options(rest: list[str]) -> tuple[dict, list[str], dict]:
+    """Splits inspect's own options (--json, --show, --plot, --format, --columns.X) from train keys."""
+    opts: dict = {"json": False, "show": "0", "plot": None, "format": None}
+    columns: dict[str, str] = {}
+    passthrough: list[str] = []
+    while rest:
+        arg = rest.pop(0)
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if name == "json":
+            opts["json"] = True
+        elif name in ("show", "plot", "format") or name.startswith("columns."):
+            value = arg.split("=", 1)[1] if "=" in arg else (rest.pop(0) if rest else None)
+            if value is None:
+                raise PeftuneError(f"--{name}: needs a value")
+            if name.startswith("columns."):
+                columns[name.split(".", 1)[1]] = value
+            else:
+                opts[name] = value
+        else:
+            passthrough.append(arg)
+    try:
+        opts["show"] = int(opts["show"])
+    except ValueError:
+        raise PeftuneError(f"--show: expected a number of samples, got {opts['show']!r}") from None
+    return opts, passthrough, columns
+
+
 def cmd_data(argv: list[str]) -> int:
+    from . import hints
     from .config import load_config, parse_overrides
 
     if not argv or argv[0] != "inspect" or any(a in ("-h", "--help") for a in argv):
-        print("usage: peftune data inspect PATH... [--json] [--show K] [--plot FILE.png] [--format F]\n"
-              "                            [--base_model M] [--cutoff_len N] [--prompt_template T] [--data_vars.X V] ...")
+        print(DATA_USAGE)
         return 0 if argv and argv[0] == "inspect" else 2
     rest = argv[1:]
     paths = []
     while rest and not rest[0].startswith("--"):
         paths.append(rest.pop(0))
     if not paths:
-        raise PeftuneError("data inspect: give at least one data file")
-    opts: dict = {"json": False, "show": 0, "plot": None, "format": None}
-    passthrough = []
-    while rest:
-        arg = rest.pop(0)
-        name = arg[2:].split("=", 1)[0]
-        if name == "json":
-            opts["json"] = True
-        elif name in ("show", "plot", "format"):
-            value = arg.split("=", 1)[1] if "=" in arg else (rest.pop(0) if rest else None)
-            if value is None:
-                raise PeftuneError(f"--{name}: needs a value")
-            opts[name] = value
-        else:
-            passthrough.append(arg)
-    try:
-        show = int(opts["show"])
-    except ValueError:
-        raise PeftuneError(f"--show: expected a number of samples, got {opts['show']!r}") from None
-    sources = [{"path": p, "format": opts["format"]} if opts["format"] else p for p in paths]
-    cfg = load_config(None, {**parse_overrides(passthrough), "data_path": sources})
+        raise PeftuneError("data inspect: give a training config (.yaml) or at least one data file")
+    opts, passthrough, columns = _inspect_options(rest)
+    configs = [p for p in paths if p.lower().endswith((".yaml", ".yml"))]
+    if configs:
+        if len(paths) > 1:
+            raise PeftuneError("data inspect: give one config file, or data files, not both (add data to the "
+                               "config's data_path)")
+        if opts["format"] or columns:
+            raise PeftuneError("data inspect: --format and --columns.X are for bare data files; with a config, "
+                               "set format/columns in its data_path entries")
+        cfg = load_config(paths[0], parse_overrides(passthrough))
+        hints.set_style(paths[0], "inspect")
+    else:
+        spec = {**({"format": opts["format"]} if opts["format"] else {}), **({"columns": columns} if columns else {})}
+        sources = [{"path": p, **spec} if spec else p for p in paths]
+        cfg = load_config(None, {**parse_overrides(passthrough), "data_path": sources})
+        hints.set_style(None, "inspect")
     _quiet_libraries()
     from .data.inspect import format_report, inspect
 
     say = (lambda msg: print(msg, file=sys.stderr)) if opts["json"] else print
-    result = inspect(cfg, show=show, plot=opts["plot"], say=say)
+    result = inspect(cfg, show=opts["show"], plot=opts["plot"], say=say)
     if opts["json"]:
         print(json.dumps(result, ensure_ascii=False))
     else:
         print(format_report(result))
+    if opts["plot"]:
+        print(f"wrote the length histogram to {os.path.abspath(opts['plot'])}", file=sys.stderr)
     return 0
 
 

@@ -63,6 +63,10 @@ class TrainConfig:
     prompt_template: str = _f("auto", "How rows become text: `chat` (the model's own chat template), `alpaca`, "
                               "`alpaca_short`, or a path to a template .json; `auto` = chat if the model has one, "
                               "else alpaca.")
+    system_prompt: Optional[str] = _f(None, "The run's default system message: training rows that have none get it, and "
+                                      "`peftune chat` (and the server) use it for this adapter unless given another. "
+                                      "`{{placeholders}}` are filled from data_vars. Empty = the chat template's own "
+                                      "default (SmolLM2's names SmolLM).")
     cutoff_len: int = _f(512, "Maximum tokens per sample; longer conversations are truncated (and lose their EOS); "
                          "plain text is cut into cutoff_len pieces.")
     train_on_inputs: bool = _f(False, "Also train on the prompt tokens (default: the loss covers only the responses).")
@@ -253,7 +257,12 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
         items = value if isinstance(value, list) else [value]
         out: list = []
         for item in items:  # comma lists and repeated flags both end up here
-            if isinstance(item, str):
+            if isinstance(item, str) and item.lstrip().startswith("{"):  # --data_path "{path: a.csv, weight: 2}"
+                try:
+                    out.append(yaml.safe_load(item))
+                except yaml.YAMLError as e:
+                    raise PeftuneError(f"{key}: {item!r} is not a valid YAML mapping ({e.problem})") from None
+            elif isinstance(item, str):
                 out.extend(part.strip() for part in item.split(",") if part.strip())
             else:
                 out.append(item)
@@ -357,8 +366,12 @@ def parse_overrides(argv: list[str], cls=TrainConfig) -> dict[str, Any]:
     return out
 
 
-def load_config(path: Optional[str], overrides: dict[str, Any], cls=TrainConfig):
+def load_config(path: Optional[str], overrides: dict[str, Any], cls=TrainConfig, say=None):
     """YAML file (optional), then command-line overrides; unknown keys and bad values are PeftuneErrors."""
+    if say is None:
+        import sys
+
+        say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     raw: dict[str, Any] = {}
     if path:
         try:
@@ -380,14 +393,48 @@ def load_config(path: Optional[str], overrides: dict[str, Any], cls=TrainConfig)
                                 else _relative_to(base, p) for p in items]
     types = _field_types(cls)
     merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # key -> "file" or "command line": where the user set it
     for source, values in ((path or "config", raw), ("command line", overrides)):
         for key, value in values.items():
             if key not in types:
                 raise PeftuneError(f"{source}: unknown key `{key}`" + _suggest(key, types))
             if typing.get_origin(types[key]) is dict and isinstance(value, dict):
                 value = {**merged.get(key, {}), **value}  # --data_vars.name adds to the YAML's data_vars
-            merged[key] = _coerce(key, types[key], value)
+            try:
+                merged[key] = _coerce(key, types[key], value)
+            except PeftuneError as e:
+                if source == "command line":
+                    raise PeftuneError(f"--{e}" if str(e).startswith(key) else str(e)) from None
+                raise PeftuneError(f"{path}: {e}") from None
+            origin[key] = "command line" if source == "command line" else "file"
+    _drop_foreign_keys(cls, merged, origin, path, say)
+    from . import hints
+
+    hints.set_style(path)
     return cls(**merged)
+
+
+def _drop_foreign_keys(cls, merged: dict, origin: dict, path: Optional[str], say) -> None:
+    """A key of another peft_method that the user set is refused, even at its default value, unless the command
+    line switched peft_method away from the config file's: `peftune train lora.yaml --peft_method ia3` ignores the
+    file's LoRA keys (and says so) rather than making the user edit the file."""
+    method_field = next((f for f in dataclasses.fields(cls) if f.name == "peft_method"), None)
+    if method_field is None:
+        return
+    method = merged.get("peft_method", _default(method_field))
+    foreign = [f for f in dataclasses.fields(cls) if f.name in merged and f.metadata.get("methods")
+               and method not in f.metadata["methods"]]
+    switched = origin.get("peft_method") == "command line"
+    ignored = [f.name for f in foreign if switched and origin[f.name] == "file"]
+    refused = [f for f in foreign if f.name not in ignored]
+    if refused:
+        owners = "; ".join(f"{f.name} is for {', '.join(f.metadata['methods'])}" for f in refused)
+        raise PeftuneError(f"{', '.join(f.name for f in refused)}: not used by peft_method {method} ({owners}); "
+                           f"remove {'it' if len(refused) == 1 else 'them'} or choose that method")
+    for name in ignored:
+        del merged[name]
+    if ignored:
+        say(f"note: --peft_method {method} does not use {', '.join(ignored)} from {path}; ignored")
 
 
 def _relative_to(base: str, p: Any) -> Any:

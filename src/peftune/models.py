@@ -47,6 +47,8 @@ def resolve_model_path(base_model: str) -> str:
         if not os.path.isfile(base_model):
             raise PeftuneError(f"base_model {base_model}: GGUF file not found")
         return _converted_gguf(os.path.abspath(base_model), os.path.basename(base_model)[:-5])
+    if not os.path.exists(base_model) and _embedded_cache_path(base_model):
+        return _converted_gguf(embedded_gguf(), EMBEDDED_MODEL)
     if os.path.isdir(base_model):
         if not os.path.isfile(os.path.join(base_model, "config.json")):
             raise PeftuneError(f"base_model {base_model}: directory has no config.json (not a HF model directory)")
@@ -54,6 +56,23 @@ def resolve_model_path(base_model: str) -> str:
     if base_model.startswith((".", "/", "~")) or base_model.count("/") > 1:  # a path, not an `org/name` hub id
         raise PeftuneError(f"base_model {base_model}: no such file or directory")
     return base_model  # a hub id
+
+
+def portable_ref(base_model: str) -> str:
+    """How an adapter names its base so that it resolves wherever peftune is installed: the embedded model by its
+    alias (its cache path differs per machine and per cache wipe), a hub id as is, a local directory or .gguf file
+    by its absolute path."""
+    if base_model.lower() == EMBEDDED_MODEL:
+        return EMBEDDED_MODEL
+    if os.path.exists(base_model):
+        return os.path.abspath(base_model)
+    return base_model
+
+
+def _embedded_cache_path(path: str) -> bool:
+    """A converted-embedded-model path from another machine or a wiped cache (adapters before portable_ref)."""
+    return os.path.basename(os.path.normpath(path)).startswith(f"{EMBEDDED_MODEL}-") and \
+        os.path.basename(os.path.dirname(os.path.normpath(path))) == "models"
 
 
 def _converted_gguf(gguf_path: str, name: str) -> str:

@@ -56,10 +56,16 @@ def test_malformed_inputs(tmp_path, content, needle):
 
 
 def test_many_errors_are_summarised(tmp_path):
-    path = write(tmp_path, "d.json", [{"instruction": "a"}] * 25)
+    path = write(tmp_path, "d.json", [{"instruction": "a", "output": "b"}] + [{"instruction": "a"}] * 25)
     with pytest.raises(PeftuneError) as e:
         load_rows([path])
     assert "25 problems" in str(e.value) and "... and 15 more" in str(e.value)
+    # no good row at all: one line says what they share, then the first few rows
+    path = write(tmp_path, "e.json", [{"instruction": "a"}] * 25)
+    with pytest.raises(PeftuneError) as e:
+        load_rows([path], skip_bad_rows=True)
+    assert "none of its 25 rows is valid alpaca data; all fail the same way: missing required field `output`" in \
+        str(e.value) and f"{path}:3: missing" in str(e.value) and "... and 22 more" in str(e.value)
 
 
 def test_mixture_max_samples_and_weights_are_seeded(tmp_path):

@@ -40,7 +40,7 @@ def sha(path):
 
 def metrics(out):
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "eval_s", "tokens_per_s")} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,8 @@ def test_sigterm_checkpoints_then_resume(tiny_model_dir, reference, tmp_path):
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
     assert proc.returncode == 143, err
-    assert "--resume_from_checkpoint auto" in err
+    # the exact command to continue, with the user's own arguments
+    assert "Resume with:\n  peftune train --base_model" in err and err.rstrip().endswith("--resume_from_checkpoint auto")
     assert checkpoint.list_checkpoints(str(out))
     resumed = run(tiny_model_dir, data, out, "--save_steps", "0", "--resume_from_checkpoint", "auto")
     assert resumed.returncode == 0, resumed.stderr
@@ -184,3 +185,45 @@ def test_seed_fixes_the_adapter_bytes(tiny_model_dir, reference, tmp_path):
     assert again.returncode == 0 and other.returncode == 0
     assert sha(tmp_path / "same" / "adapter_model.safetensors") == sha(ref / "adapter_model.safetensors")
     assert sha(tmp_path / "other" / "adapter_model.safetensors") != sha(ref / "adapter_model.safetensors")
+
+
+def test_a_finished_run_keeps_its_last_state_and_can_be_extended(tiny_model_dir, reference, tmp_path):
+    data, ref = reference
+    out = tmp_path / "run"
+    first = run(tiny_model_dir, data, out, "--num_epochs", "1", "--save_steps", "3")
+    assert first.returncode == 0, first.stderr
+    # 20 training rows, 4 a step: 5 steps; the last one's state is kept although 5 is no multiple of save_steps
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == ["step-3", "step-5"]
+    done = run(tiny_model_dir, data, out, "--num_epochs", "1", "--save_steps", "3", "--resume_from_checkpoint", "auto")
+    assert done.returncode == 2 and "nothing to resume" in done.stderr and "raise num_epochs or max_steps" in done.stderr
+    longer = run(tiny_model_dir, data, out, "--num_epochs", "2", "--save_steps", "3",
+                 "--resume_from_checkpoint", "auto")
+    assert longer.returncode == 0, longer.stderr
+    assert "extending the run from 5 to 10 optimizer steps" in longer.stdout
+    rows, reference_rows = metrics(out), metrics(ref)
+    assert [r["step"] for r in rows] == list(range(1, 11))  # metrics continue without gaps
+    # the extension follows the 10-step schedule exactly as a run planned for 10 steps from the start
+    assert [r["lr"] for r in rows[5:]] == pytest.approx([r["lr"] for r in reference_rows[5:]])
+    assert rows[4]["lr"] == pytest.approx(0.0) and reference_rows[4]["lr"] > 0
+
+
+def test_shortening_a_run_on_resume_is_refused(tiny_model_dir, reference, tmp_path):
+    data, _ = reference
+    out = tmp_path / "run"
+    assert run(tiny_model_dir, data, out, fault="after_step:7").returncode == -signal.SIGKILL
+    shorter = run(tiny_model_dir, data, out, "--num_epochs", "1.8", "--resume_from_checkpoint", "auto")
+    assert shorter.returncode == 2 and "planned for 10 optimizer steps and would now end at 9" in shorter.stderr
+    past = run(tiny_model_dir, data, out, "--max_steps", "5", "--resume_from_checkpoint", "auto")
+    assert past.returncode == 2 and "the settings now end the run at step 5" in past.stderr
+
+
+def test_output_dir_and_resume_are_checked_before_the_data_is_read(tiny_model_dir, reference, tmp_path):
+    data, _ = reference
+    out = tmp_path / "run"
+    assert run(tiny_model_dir, data, out, "--max_steps", "2").returncode == 0
+    # the data path is wrong too, but the run in the way is reported first: no tokenizing before the refusal
+    proc = run(tiny_model_dir, str(tmp_path / "missing.json"), out)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr, proc.stderr
+    proc = run(tiny_model_dir, str(tmp_path / "missing.json"), out, "--resume_from_checkpoint", "auto",
+               "--lora_r", "8")
+    assert proc.returncode == 2 and "lora_r: 4 then, 8 now" in proc.stderr, proc.stderr

@@ -40,8 +40,11 @@ class RowErrors:
         return f"{len(self.items)} problem{'s' * (len(self.items) > 1)}:\n{shown}{more}"
 
     def raise_if_any(self) -> None:
+        from ..hints import setting
+
         if self.items:
-            raise PeftuneError(f"invalid data ({self.summary()})\n(skip_bad_rows: true skips such rows instead)")
+            raise PeftuneError(f"invalid data ({self.summary()})\n({setting('skip_bad_rows', 'true')} skips such "
+                               "rows instead)")
 
 
 def detect_format(rec: Any) -> str | None:

@@ -10,7 +10,7 @@ from .. import models
 from ..config import TrainConfig
 from .batching import trained_tokens
 from .render import IGNORE, Renderer, get_template
-from .sources import load_rows, source_spec
+from .sources import add_system_prompt, load_rows, source_spec, system_prompt
 
 START, END = "\x1b[32m", "\x1b[0m"  # trained spans on a terminal; «…» elsewhere
 
@@ -66,12 +66,13 @@ def inspect(cfg: TrainConfig, show: int = 0, plot: str | None = None, say=print)
     renderer = Renderer(tokenizer, get_template(cfg.prompt_template, tokenizer), cfg.cutoff_len,
                         cfg.train_on_inputs, cfg.add_eos_token, cfg.mask_history)
     quiet = lambda msg: None  # noqa: E731  (the report itself says what the warnings would)
+    system = system_prompt(cfg.system_prompt, cfg.data_vars)
     per_source, all_rows, all_samples, formats = [], [], [], []
     for entry in cfg.data_path:
         reports: list = []
         rows = load_rows([source_spec(entry)], cfg.data_vars, cfg.seed, cfg.skip_bad_rows, warn=quiet,
                          reports=reports)
-        samples = renderer.render_all(rows, warn=quiet, skip_bad_rows=cfg.skip_bad_rows)
+        samples = renderer.render_all(add_system_prompt(rows, system), warn=quiet, skip_bad_rows=cfg.skip_bad_rows)
         report = reports[0]
         per_source.append({"path": report.path, **stats(rows, samples, report.format, len(report.bad_rows)),
                            "bad_row_numbers": report.bad_rows[:100]})

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from .. import hints
 from ..errors import PeftuneError
 from .formats import FORMATS, RowError, RowErrors, apply_columns, convert, detect_format
 from .readers import read_records
@@ -62,9 +63,12 @@ def read_source(spec: dict, variables: dict[str, str], errors: RowErrors) -> tup
         votes.pop(None, None)
         if not votes:
             number, rec = records[0]
-            fields = ", ".join(sorted(rec)) if isinstance(rec, dict) else type(rec).__name__
+            if not isinstance(rec, dict):
+                raise PeftuneError(f"{path}:{number}: expected an object per row, got {type(rec).__name__}")
+            fields = ", ".join(sorted(rec))
             raise PeftuneError(f"{path}:{number}: cannot recognise the data format (fields: {fields}); expected "
-                               f"one of {', '.join(FORMATS)}: set `format:` (and `columns:`) for this source")
+                               f"one of {', '.join(FORMATS)}. Map your fields to ours: "
+                               + hints.columns(path, *guess_columns(rec, None)))
         fmt = votes.most_common(1)[0][0]
     report = SourceReport(path, fmt)
     rows: list[dict] = []
@@ -85,7 +89,59 @@ def read_source(spec: dict, variables: dict[str, str], errors: RowErrors) -> tup
         row.update(source=path, row=number, weight=spec.get("weight", 1.0))
         rows.append(row)
     report.rows = len(rows) + len(report.bad_rows)
+    if not rows:
+        _every_row_failed(path, fmt, spec, records, errors)
     return rows, report
+
+
+# Common names of our fields in other people's data, for the column-map hint.
+SYNONYMS = {"instruction": ("question", "prompt", "query", "input", "q", "problem", "user", "request", "task"),
+            "output": ("answer", "response", "completion", "target", "a", "solution", "assistant", "reply"),
+            "text": ("content", "document", "body", "passage", "article")}
+
+
+def guess_columns(rec: dict, fmt: str | None) -> tuple[dict[str, str], str]:
+    """(a columns mapping, the format it implies) from a record's field names: our fields it lacks, each mapped to
+    a field with a common name for it, or to YOUR_FIELD for the user to fill in."""
+    lower = {k.lower(): k for k in rec if isinstance(k, str)}
+
+    def pick(ours: str, names: tuple[str, ...], taken: set) -> str | None:
+        return next((lower[n] for n in (ours, *names) if n in lower and lower[n] not in taken), None)
+
+    if fmt == "text" or (fmt is None and pick("text", SYNONYMS["text"], set()) and not pick("output", SYNONYMS["output"], set())):
+        wanted, fmt = {"text": "text"}, "text"
+    elif fmt == "prompt_completion":
+        wanted = {"prompt": "instruction", "completion": "output"}
+    else:
+        wanted, fmt = {"instruction": "instruction", "output": "output"}, "alpaca"
+    mapping, taken = {}, set()
+    for ours, kind in wanted.items():
+        if ours in rec:
+            taken.add(ours)
+            continue
+        theirs = pick(kind, SYNONYMS[kind], taken)
+        mapping[ours] = theirs or "YOUR_FIELD"
+        taken.add(theirs)
+    return mapping, fmt
+
+
+def _every_row_failed(path: str, fmt: str, spec: dict, records: list, errors: RowErrors) -> None:
+    """Skipping bad rows cannot help when none is good: say what is wrong with all of them and what to change."""
+    mine = [e for e in errors.items if e.startswith(f"{path}:")]
+    reasons = Counter(e.split(": ", 1)[1] for e in mine)
+    reason, count = reasons.most_common(1)[0]
+    message = f"{path}: none of its {len(records)} rows is valid {fmt} data; "
+    message += f"all fail the same way: {reason}" if count == len(mine) else \
+        f"the most common problem ({count} rows): {reason}"
+    message += "\n" + "\n".join(mine[:3]) + (f"\n... and {len(mine) - 3} more" if len(mine) > 3 else "")
+    missing = re.search(r"missing required field `(\w+)`", reason)
+    rec = next((r for _, r in records if isinstance(r, dict)), None)
+    if missing and rec is not None:
+        mapping, implied = guess_columns(rec, fmt)
+        mapping = {**(spec.get("columns") or {}), **mapping}
+        message += (f"\nThe file's fields are {', '.join(sorted(map(str, rec)))}: map them to ours with "
+                    + hints.columns(path, mapping, implied if implied != fmt or spec.get("format") else None))
+    raise PeftuneError(message)
 
 
 def load_rows(sources: Iterable, variables: dict[str, str] | None = None, seed: int = 0,
@@ -116,6 +172,27 @@ def load_rows(sources: Iterable, variables: dict[str, str] | None = None, seed: 
     if not rows:
         raise PeftuneError("no valid rows in the data")
     return rows
+
+
+def system_prompt(template: str | None, variables: dict[str, str]) -> str | None:
+    """The run's default system message with its `{{placeholders}}` filled; None when there is none."""
+    if not template or not template.strip():
+        return None
+    missing: set[str] = set()
+    text = fill_placeholders(template, variables, missing)
+    if missing:
+        names = sorted(missing)
+        raise PeftuneError(f"system_prompt: placeholder {', '.join('{{' + n + '}}' for n in names)} has no value: "
+                           "set it with " + " ".join(f"--data_vars.{n} VALUE" for n in names))
+    return text
+
+
+def add_system_prompt(rows: list[dict], system: str | None) -> list[dict]:
+    """Conversation rows without a system message get the run's default one; rows with their own keep it."""
+    if not system:
+        return rows
+    return [{**r, "messages": [{"role": "system", "content": system}] + r["messages"]}
+            if "messages" in r and not any(m["role"] == "system" for m in r["messages"]) else r for r in rows]
 
 
 def apply_weights(rows: list[dict], seed: int) -> list[dict]:

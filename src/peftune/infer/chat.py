@@ -7,11 +7,12 @@ import os
 import sys
 
 import torch
-import yaml
 
 from .. import models
+from ..adapters import run_config
 from ..config import EMBEDDED_MODEL
 from ..data.render import Renderer, get_template
+from ..data.sources import system_prompt
 from ..errors import PeftuneError
 from ..methods import has_virtual_tokens
 
@@ -19,17 +20,12 @@ from ..methods import has_virtual_tokens
 class Chat:
     def __init__(self, adapter: str | None = None, base_model: str | None = None, prompt_template: str | None = None,
                  trust_remote_code: bool = False) -> None:
-        run = {}
-        if adapter:
-            if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-                raise PeftuneError(f"--adapter {adapter}: no adapter_config.json there (not a trained adapter dir)")
-            run_config = os.path.join(adapter, "config.yaml")
-            if os.path.isfile(run_config):
-                with open(run_config, encoding="utf-8") as fh:
-                    run = yaml.safe_load(fh) or {}
-            if not base_model and not run.get("base_model"):
-                with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as fh:
-                    base_model = json.load(fh).get("base_model_name_or_path")
+        run = run_config(adapter) if adapter else {}
+        if adapter and not base_model and not run.get("base_model"):
+            with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as fh:
+                base_model = json.load(fh).get("base_model_name_or_path")
+        # the adapter's own default system prompt (saved by `peftune train`, placeholders filled)
+        self.system_prompt = system_prompt(run.get("system_prompt"), run.get("data_vars") or {})
         base_model = base_model or run.get("base_model") or EMBEDDED_MODEL
         self.tokenizer = models.load_tokenizer(base_model, trust_remote_code)
         quantized = {k: bool(run.get(k)) for k in ("load_in_4bit", "load_in_8bit")}
@@ -90,6 +86,8 @@ def generate(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
 
 def repl(chat: Chat, system: str | None, **gen) -> None:
     print("peftune chat — /reset clears the conversation, /exit (or Ctrl-D) leaves.")
+    if system:
+        print(f"(system prompt: {system})")
     history: list[dict] = []
     while True:
         try:
@@ -114,6 +112,7 @@ def repl(chat: Chat, system: str | None, **gen) -> None:
 
 def run(args) -> int:
     chat = Chat(args.adapter, args.base_model, args.prompt_template, args.trust_remote_code)
+    args.system = chat.system_prompt if args.system is None else args.system  # --system "" = none
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
            "repetition_penalty": args.repetition_penalty}
     if not args.prompt:
@@ -137,7 +136,8 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt", action="append", help="answer this prompt in a fresh conversation and exit "
                    "(repeatable)")
     p.add_argument("--json", action="store_true", help='with --prompt: print one {"prompt", "answer"} JSON per line')
-    p.add_argument("--system", help="a system message at the start of each conversation")
+    p.add_argument("--system", help="a system message at the start of each conversation (default: the one the "
+                   "adapter was trained with, its system_prompt; --system '' for none)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling when temperature > 0 (default 0.9)")

@@ -169,12 +169,44 @@ def resolve_resume(output_dir: str, setting: str | None, say=print) -> str | Non
     raise PeftuneError(f"resume_from_checkpoint auto: no complete checkpoint in {checkpoints_dir(output_dir)}")
 
 
-def compare_fingerprints(saved: dict, current: dict, path: str) -> None:
-    changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+LEGACY_KEYS = ("num_epochs", "max_steps")  # in fingerprints before runs could be extended; no longer compared
+
+
+def compare_fingerprints(saved: dict, current: dict, path: str, ignore: tuple = ()) -> None:
+    skip = set(ignore) | set(LEGACY_KEYS)
+    changed = [k for k in sorted(set(saved) | set(current)) if k not in skip and saved.get(k) != current.get(k)]
     if changed:
         detail = "; ".join(f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now" for k in changed[:5])
         raise PeftuneError(f"cannot resume from {path}: the run changed ({detail}); resume with the settings it was "
                            "started with, or start over with --overwrite_output_dir true")
+
+
+def plan_continuation(state: dict, steps: int, path: str) -> int:
+    """The number of optimizer steps the checkpoint's run was planned for. A resume may keep that length (an exact
+    continuation) or extend it (more num_epochs or max_steps: the schedule is then re-planned, replan_schedule);
+    shortening it, or resuming a run that has nothing left to do, is refused."""
+    step = state["step"]
+    planned = state["counters"].get("planned_steps", steps)  # checkpoints before extension was possible
+    if steps <= step:
+        more = "raise num_epochs or max_steps to train further" if steps == step else \
+            f"the settings now end the run at step {steps}"
+        raise PeftuneError(f"nothing to resume: {path} is at step {step} of {planned}; {more} (the finished "
+                           f"adapter is in {os.path.dirname(os.path.dirname(os.path.abspath(path)))})")
+    if steps < planned:
+        raise PeftuneError(f"cannot resume from {path}: the run was planned for {planned} optimizer steps and would "
+                           f"now end at {steps}, which changes its learning-rate schedule; resume with the same "
+                           "num_epochs/max_steps, or extend the run; its checkpoints' adapters are usable as they are")
+    return planned
+
+
+def replan_schedule(optimizer, scheduler) -> float:
+    """After loading an extended run's scheduler state: the optimizer's learning rates become the new (longer)
+    schedule's values at the current step, not the old schedule's. Returns the first group's rate."""
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports (torch keeps no public setter)
+    return lrs[0]
 
 
 def trainable_tensors(model) -> dict:

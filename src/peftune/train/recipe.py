@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -22,7 +23,7 @@ from .. import adapters, methods, models
 from ..config import TrainConfig, save_config
 from ..data import batching
 from ..data.render import Renderer, get_template
-from ..data.sources import apply_weights, load_rows
+from ..data.sources import add_system_prompt, apply_weights, load_rows, system_prompt
 from ..errors import PeftuneError, TrainingInterrupted
 from ..io import atomic_write_text
 from . import checkpoint, faults
@@ -45,39 +46,58 @@ def split_validation(rows: list, val_set_size: float, seed: int) -> tuple[list, 
     return [r for i, r in enumerate(rows) if i not in val], [rows[i] for i in sorted(val)]
 
 
-def prepare_output_dir(cfg: TrainConfig, resuming: bool) -> None:
+def check_output_dir(cfg: TrainConfig, resuming: bool) -> list[str]:
+    """Before any data is read: output_dir must be writable, and hold no other run unless resuming or overwriting.
+    Returns the old run files that clear_output_dir will remove. Files that are not a run's are left alone."""
+    # a directory that does not exist yet is created only once the data has checked out (no partial output)
+    existing_dir = os.path.abspath(cfg.output_dir)
+    while not os.path.exists(existing_dir):
+        existing_dir = os.path.dirname(existing_dir)
     try:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        probe = os.path.join(cfg.output_dir, ".peftune-write-test")
+        if not os.path.isdir(existing_dir):
+            raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", existing_dir)
+        probe = os.path.join(existing_dir, ".peftune-write-test")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         raise PeftuneError(f"output_dir {cfg.output_dir}: not writable ({e.strerror})") from None
     if resuming:
-        return
+        return []
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output_dir, f))]
     if existing and not cfg.overwrite_output_dir:
         raise PeftuneError(f"output_dir {cfg.output_dir} already holds a run ({', '.join(existing)}); pass "
                            "--resume_from_checkpoint auto to continue it, --overwrite_output_dir true to replace it, "
                            "or choose another --output_dir")
+    return existing
+
+
+def clear_output_dir(cfg: TrainConfig, existing: list[str]) -> None:
+    os.makedirs(cfg.output_dir, exist_ok=True)
     for f in existing:
         path = os.path.join(cfg.output_dir, f)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-TRAJECTORY_KEYS = ("base_model", "prompt_template", "cutoff_len", "train_on_inputs", "mask_history", "add_eos_token",
-                   "batch_size", "micro_batch_size", "num_epochs", "max_steps", "learning_rate", "lr_scheduler",
+# num_epochs and max_steps are not here: a resume may extend a run (checkpoint.plan_continuation)
+TRAJECTORY_KEYS = ("base_model", "prompt_template", "system_prompt", "cutoff_len", "train_on_inputs", "mask_history",
+                   "add_eos_token", "batch_size", "micro_batch_size", "learning_rate", "lr_scheduler",
                    "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "group_by_length", "packing",
                    "mixed_precision", "seed", "nan_policy", "peft_method", "load_in_4bit", "load_in_8bit",
                    *(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("methods")))
 
 
+def config_fingerprint(cfg: TrainConfig, num_processes: int) -> dict:
+    """The settings that shape the training trajectory; a resume must match them (checked before data is read).
+    Logging and eval settings may change."""
+    return {**{k: getattr(cfg, k) for k in TRAJECTORY_KEYS}, "processes": num_processes}
+
+
 def run_fingerprint(cfg: TrainConfig, train_set: list[dict], num_processes: int) -> dict:
-    """What shapes the training trajectory; a resume must match it. Logging and eval settings may change."""
+    """config_fingerprint plus a digest of the tokenized training samples."""
     digest = hashlib.sha256()
     for s in train_set:
         digest.update(json.dumps([s["input_ids"], s["labels"]]).encode())
-    return {**{k: getattr(cfg, k) for k in TRAJECTORY_KEYS}, "processes": num_processes,
+    return {**config_fingerprint(cfg, num_processes),
             "training data": f"{len(train_set)} samples, sha256 {digest.hexdigest()[:16]}"}
 
 
@@ -122,6 +142,11 @@ def make_accelerator(cfg: TrainConfig):
     return precision, Accelerator(mixed_precision=precision, log_with=None if cfg.report_to == "none" else cfg.report_to)
 
 
+def training_rate(counters: dict) -> float:
+    """Tokens per second of training alone: evaluation time is left out (metrics.jsonl and the last line agree)."""
+    return round(counters["tokens"] / max(counters["elapsed"] - counters.get("eval_s", 0.0), 1e-9), 2)
+
+
 @torch.no_grad()
 def evaluate(model, samples: list[dict], micro_batch_size: int, collate) -> float:
     model.eval()
@@ -136,10 +161,12 @@ def evaluate(model, samples: list[dict], micro_batch_size: int, collate) -> floa
 
 def prepare_data(cfg: TrainConfig, say=print) -> tuple:
     """(tokenizer, training samples, validation samples): read, validate, split, weight, render."""
-    rows = load_rows(cfg.data_path, cfg.data_vars, cfg.seed, cfg.skip_bad_rows, warn=say)
+    rows = add_system_prompt(load_rows(cfg.data_path, cfg.data_vars, cfg.seed, cfg.skip_bad_rows, warn=say),
+                             cfg.system_prompt)
     if cfg.val_data_path:
         train_rows = rows
-        val_rows = load_rows(cfg.val_data_path, cfg.data_vars, cfg.seed, cfg.skip_bad_rows, warn=say)
+        val_rows = add_system_prompt(load_rows(cfg.val_data_path, cfg.data_vars, cfg.seed, cfg.skip_bad_rows,
+                                               warn=say), cfg.system_prompt)
     else:
         train_rows, val_rows = split_validation(rows, cfg.val_set_size, cfg.seed)
     train_rows = apply_weights(train_rows, cfg.seed)
@@ -154,7 +181,10 @@ def prepare_data(cfg: TrainConfig, say=print) -> tuple:
 def train(cfg: TrainConfig, say=print) -> dict:
     from transformers import get_scheduler, set_seed
 
-    cfg = dataclasses.replace(cfg, learning_rate=methods.learning_rate(cfg))  # the method's default when unset
+    # the method's default learning rate when unset; the system prompt with its placeholders filled (config.yaml
+    # keeps what the run used, and chat/serve read it from there)
+    cfg = dataclasses.replace(cfg, learning_rate=methods.learning_rate(cfg),
+                              system_prompt=system_prompt(cfg.system_prompt, cfg.data_vars))
     precision, accelerator = make_accelerator(cfg)
     if cfg.release_memory and accelerator.device.type == "cpu":
         return_large_buffers_to_os()
@@ -162,16 +192,26 @@ def train(cfg: TrainConfig, say=print) -> dict:
     if accelerator.num_processes > 1:
         raise PeftuneError("multi-process training is not supported yet; run one process")
     main = accelerator.is_main_process
-    # 1. data: read and validate everything before a byte is written to output_dir
+    # 1. the cheap checks first (output_dir, the checkpoint and its settings), then the data: everything is read and
+    # validated before a byte is written to output_dir
+    resume = checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, say)
+    saved = checkpoint.read_state(resume) if resume else None
+    if saved:
+        checkpoint.compare_fingerprints(saved["fingerprint"], config_fingerprint(cfg, accelerator.num_processes),
+                                        resume, ignore=("training data",))
+    old_run_files = check_output_dir(cfg, resuming=bool(resume))
     tokenizer, train_set, val_set = prepare_data(cfg, say)
     fingerprint = run_fingerprint(cfg, train_set, accelerator.num_processes)
     steps = batching.total_steps(len(train_set), cfg.batch_size, cfg.num_epochs, cfg.max_steps)
+    if saved:
+        checkpoint.compare_fingerprints(saved["fingerprint"], fingerprint, resume)
+        planned = checkpoint.plan_continuation(saved, steps, resume)
+        if planned != steps and cfg.peft_method == "adalora":
+            raise PeftuneError(f"cannot extend an AdaLoRA run ({planned} -> {steps} steps): its rank-pruning schedule "
+                               "is fixed by the run's length; start a new run")
     if cfg.peft_method == "adalora":
         methods.adalora_schedule(cfg, steps)  # refuse a schedule with no pruning phase before writing anything
-    resume = checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, say)
-    if resume:
-        checkpoint.compare_fingerprints(checkpoint.read_state(resume)["fingerprint"], fingerprint, resume)
-    prepare_output_dir(cfg, resuming=bool(resume))
+    clear_output_dir(cfg, old_run_files)
     checkpoint.remove_partial(cfg.output_dir)
     if main:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
@@ -191,6 +231,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     adapter = methods.Adapter(cfg, steps, models.resolve_model_path(cfg.base_model), tokenizer)
     model = adapter.attach(base)
+    adapters.set_base_reference(model, models.portable_ref(cfg.base_model))
     initial = adapters.trainable_state(model)
     trainable, total_params = adapters.count_parameters(model)
     say(f"{cfg.peft_method}: trainable parameters: {trainable:,} of {total_params:,} "
@@ -216,12 +257,19 @@ def train(cfg: TrainConfig, say=print) -> dict:
 
     # 3. the loop (resumed exactly where a checkpoint left it)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    counters = {"step": 0, "tokens": 0, "elapsed": 0.0, "window_loss": 0.0, "window_tokens": 0, "eval_loss": None}
+    counters = {"step": 0, "tokens": 0, "elapsed": 0.0, "eval_s": 0.0, "window_loss": 0.0, "window_tokens": 0,
+                "eval_loss": None}
     if resume:
         counters.update(checkpoint.load_checkpoint(resume, accelerator.unwrap_model(model), optimizer,
                                                    scheduler, adapter)["counters"])
         keep_metrics_until(metrics_path, counters["step"])
         say(f"resumed from {resume} at step {counters['step']}")
+        if planned != steps:
+            lr = checkpoint.replan_schedule(optimizer, scheduler)
+            say(f"extending the run from {planned} to {steps} optimizer steps: the learning-rate schedule is "
+                f"re-planned over {steps} steps (as if the run had been planned that long from the start); "
+                f"it continues at lr {lr:.3g}")
+    counters["planned_steps"] = steps
     log = MetricsLog(metrics_path, accelerator) if main else None
     if cfg.report_to != "none":
         accelerator.init_trackers("peftune", config={k: str(v) for k, v in cfg.to_dict().items()})
@@ -259,46 +307,49 @@ def train(cfg: TrainConfig, say=print) -> dict:
             record = {"step": done, "epoch": round(done / per_epoch, 4),
                       "loss": counters["window_loss"] / max(counters["window_tokens"], 1),
                       "lr": scheduler.get_last_lr()[0], "tokens": counters["tokens"],
-                      "elapsed_s": round(counters["elapsed"], 3),
-                      "tokens_per_s": round(counters["tokens"] / counters["elapsed"], 2)}
+                      "elapsed_s": round(counters["elapsed"], 3), "eval_s": round(counters["eval_s"], 3),
+                      "tokens_per_s": training_rate(counters)}
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if val_set and (done % cfg.eval_steps == 0 or done == steps):
                 faults.point("in_eval", done)
+                eval_start = time.perf_counter()
                 counters["eval_loss"] = record["eval_loss"] = evaluate(
                     model, val_set, cfg.micro_batch_size, lambda c: to_device(collate(c)))
+                counters["eval_s"] += time.perf_counter() - eval_start
                 bar.write(f"step {done}: eval_loss {record['eval_loss']:.4f}")
             if main and (done % cfg.logging_steps == 0 or done == steps or "eval_loss" in record):
                 log.write(record)
             if done % cfg.logging_steps == 0 or done == steps:
                 counters["window_loss"], counters["window_tokens"] = 0.0, 0
             due = (cfg.save_steps and done % cfg.save_steps == 0) or done % per_epoch == 0
-            if main and done < steps and (due or stop.signum):
+            if main and (due or stop.signum or done == steps):  # the last step too: a finished run can be extended
                 checkpoint.save_checkpoint(cfg.output_dir, done, accelerator.unwrap_model(model), optimizer,
                                            scheduler, counters, fingerprint, cfg.save_total_limit, adapter)
             if stop.signum:
                 bar.close()
-                raise TrainingInterrupted(
-                    f"stopped by signal {stop.signum} after step {done}; checkpoint written. Resume with the same "
-                    f"command plus --resume_from_checkpoint auto", stop.exit_code)
+                raise TrainingInterrupted(f"stopped by signal {stop.signum} after step {done}; checkpoint written",
+                                          stop.exit_code)
     bar.close()
     train_time = time.perf_counter() - start
     tokens, eval_loss = counters["tokens"], counters["eval_loss"]
 
     # 4. the adapter, verified, in the PEFT layout
+    counters["elapsed"] = train_time
     result = {"precision": precision, "steps": steps, "tokens": tokens, "train_time_s": round(train_time, 2),
-              "tokens_per_s": round(tokens / train_time, 2), "eval_loss": eval_loss,
+              "eval_time_s": round(counters["eval_s"], 2), "tokens_per_s": training_rate(counters),
+              "eval_loss": eval_loss,
               "trainable_parameters": trainable, "base_model_bytes": base_bytes}
     if main:
         unwrapped = accelerator.unwrap_model(model)
-        path = adapters.save_adapter(unwrapped, cfg.output_dir, initial, models.resolve_model_path(cfg.base_model),
-                                     adapter.save_pretrained)
+        path = adapters.save_adapter(unwrapped, cfg.output_dir, initial, adapter.save_pretrained)
         result["adapter_bytes"] = os.path.getsize(path)
         adapter.close()
         log.close()
         say(f"adapter: {cfg.output_dir} ({adapters.human_bytes(result['adapter_bytes'])}; the base model is "
             f"{adapters.human_bytes(base_bytes)}, {base_bytes / result['adapter_bytes']:.0f}x larger)")
-        say(f"trained {tokens:,} tokens in {train_time:.1f} s ({result['tokens_per_s']:.0f} tokens/s)"
+        say(f"trained {tokens:,} tokens in {train_time - counters['eval_s']:.1f} s ({result['tokens_per_s']:.0f} "
+            f"tokens/s, as in metrics.jsonl; evaluation took another {counters['eval_s']:.1f} s)"
             + (f", final eval_loss {eval_loss:.4f}" if eval_loss is not None else ""))
     accelerator.end_training()
     return result
