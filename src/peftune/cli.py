@@ -14,6 +14,8 @@ USAGE = """usage: peftune <command> [options]
 commands:
   train [CONFIG.yaml] [--key value ...]   fine-tune an adapter (peftune train --help lists every key)
   chat --adapter DIR [options]            talk to the base model + adapter (peftune chat --help)
+  serve [--adapter NAME=DIR ...] [options] an OpenAI-compatible API and a chat page, many adapters on one base
+                                          (peftune serve --help)
   data inspect CONFIG.yaml|FILE... [opts] validate and tokenize data as training would, and report
                                           (peftune data inspect --help)
   docs [FILE]                             write the config reference (docs/config.md)
@@ -134,6 +136,17 @@ def _inspect_options(rest: list[str]) -> tuple[dict, list[str], dict]:
     return opts, passthrough, columns
 
 
+def cmd_serve(argv: list[str]) -> int:
+    from . import serve
+
+    parser = argparse.ArgumentParser(prog="peftune serve", description="Serve the base model and adapters over an "
+                                     "OpenAI-compatible API, with a chat page at /.")
+    serve.add_arguments(parser)
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    return serve.run(args)
+
+
 def cmd_data(argv: list[str]) -> int:
     from . import hints
     from .config import load_config, parse_overrides
@@ -187,7 +200,7 @@ def cmd_docs(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "chat": cmd_chat, "data": cmd_data, "docs": cmd_docs}
+COMMANDS = {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve, "data": cmd_data, "docs": cmd_docs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,27 +1,18 @@
-"""Generation for virtual-token adapters equals, step by step, what peft's training forward computes."""
+"""The engine generates what peft's training forward computes, step by step, for layer adapters and for
+virtual-token adapters (whose learned tokens go in once, at prefill), alone and batched with other requests."""
 
 import pytest
 import torch
 
 from peftune import methods
 from peftune.config import TrainConfig
-from peftune.infer.chat import generate
-
-
-class Recorder:
-    """A logits processor that keeps the scores generate sees at each step."""
-
-    def __init__(self):
-        self.scores = []
-
-    def __call__(self, input_ids, scores):
-        self.scores.append(scores.clone())
-        return scores
+from peftune.infer.engine import Engine
+from peftune.infer.sampling import SamplingParams
 
 
 @pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning", "p_tuning", "lora"])
-def test_generate_matches_the_training_forward(method, tiny_model_dir, tokenizer):
-    from transformers import AutoModelForCausalLM, LogitsProcessorList
+def test_engine_generates_what_the_training_forward_computes(method, tiny_model_dir, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     cfg = TrainConfig(peft_method=method, num_virtual_tokens=4) if method != "lora" else TrainConfig(lora_r=4)
@@ -32,14 +23,32 @@ def test_generate_matches_the_training_forward(method, tiny_model_dir, tokenizer
             if p.requires_grad:
                 p.normal_(std=2.0)  # a strong adapter, so a dropped or repeated prompt shows
     model.eval()
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    recorder = Recorder()
-    new = generate(model, ids, max_new_tokens=5, do_sample=False, pad_token_id=0,
-                   logits_processor=LogitsProcessorList([recorder]))
-    assert new.shape == (1, 5)
-    seq = ids
-    with torch.no_grad():
-        for k in range(5):
-            reference = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, -1]
-            assert torch.allclose(recorder.scores[k][0], reference, atol=1e-4), f"step {k}"
-            seq = torch.cat([seq, new[:, k:k + 1]], dim=1)
+    model.save_pretrained(tmp_path / "adapter")
+    engine = Engine(tiny_model_dir, {"x": str(tmp_path / "adapter")})
+    try:
+        messages = [{"role": "user", "content": "Hello"}]
+        ids = engine.chat_prompt("x", messages)
+        greedy = SamplingParams(max_tokens=6, temperature=0)
+        text, _, usage = engine.generate("x", messages, greedy)
+        assert usage["completion_tokens"] == 6
+        # the reference: argmax of peft's own forward (the training computation) on the growing sequence
+        seq = torch.tensor([ids])
+        expected = []
+        with torch.no_grad():
+            for _ in range(6):
+                token = int(model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, -1].argmax())
+                expected.append(token)
+                seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
+        assert text == engine.tokenizer.decode(expected, skip_special_tokens=True).rstrip("\ufffd")
+        # the same answer while other requests (the base) share the batch
+        import threading
+
+        others = [threading.Thread(target=engine.generate, args=(None, messages, SamplingParams(max_tokens=12)))
+                  for _ in range(3)]
+        for t in others:
+            t.start()
+        assert engine.generate("x", messages, greedy)[0] == text
+        for t in others:
+            t.join()
+    finally:
+        engine.close()

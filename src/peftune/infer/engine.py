@@ -1,0 +1,269 @@
+"""The one place that generates: a base model loaded once, any number of adapters on it, each prompted the way it
+was trained, and batched streaming decoding (scheduler.py). Used by `peftune chat` and `peftune serve`.
+
+    engine = Engine("smollm2-135m-instruct", {"aurora": "output/aurora"})
+    text, finish, usage = engine.generate("aurora", [{"role": "user", "content": "Who are you?"}], SamplingParams())
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import models
+from ..adapters import run_config
+from ..config import EMBEDDED_MODEL
+from ..data.render import Renderer, get_template
+from ..data.sources import system_prompt
+from ..errors import PeftuneError
+from .sampling import SamplingParams
+from .scheduler import QueueFull, Request, Scheduler  # noqa: F401  (QueueFull: re-exported for the server)
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PromptTooLong(PeftuneError):
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(f"the prompt is {tokens} tokens; this model's context is {limit} tokens")
+        self.tokens, self.limit = tokens, limit
+
+
+@dataclass
+class Served:
+    """A model the engine answers as: the base, or the base with one adapter."""
+
+    name: str
+    path: str | None  # the adapter directory (None for the base)
+    renderer: Renderer
+    system_prompt: str | None = None
+    virtual: bool = False  # prefix/prompt/p-tuning: learned tokens go in at prefill
+    run: dict = field(default_factory=dict)
+
+
+def _base_of(adapter_dir: str, run: dict) -> str | None:
+    if run.get("base_model"):
+        return run["base_model"]
+    with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as fh:
+        return json.load(fh).get("base_model_name_or_path")
+
+
+class Engine:
+    def __init__(self, base_model: str | None = None, adapters: dict[str, str] | None = None,
+                 base_name: str | None = None, dtype: str = "fp32", prompt_template: str | None = None,
+                 trust_remote_code: bool = False, max_batch: int = 8, max_queue: int = 64,
+                 quantize: dict | None = None) -> None:
+        adapters = dict(adapters or {})
+        if base_model is None:  # the base the (first) adapter was trained on
+            first = next(iter(adapters.values()), None)
+            base_model = (_base_of(first, run_config(first)) if first else None) or EMBEDDED_MODEL
+        self.base_model, self.prompt_template = base_model, prompt_template
+        self.base_path = models.resolve_model_path(base_model)
+        self.tokenizer = models.load_tokenizer(base_model, trust_remote_code)
+        self.tokenizer_lock = threading.Lock()  # fast tokenizers refuse use from two threads at once
+        model = models.load_model(base_model, trust_remote_code, dtype=DTYPES[dtype], **(quantize or {}))
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        ids = model.generation_config.eos_token_id
+        self.eos_ids = {i for i in (ids if isinstance(ids, list) else [ids]) if i is not None}
+        self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.model = model.eval()
+        self.base = Served(base_name or base_model, None, self._renderer(None, {}))
+        self.served: dict[str, Served] = {}
+        self.mixable = True
+        for name, path in adapters.items():
+            self._load(name, path)
+        self.scheduler = Scheduler(self, max_batch=max_batch, max_queue=max_queue)
+
+    # ------------------------------------------------------------------ adapters
+    def _renderer(self, path: str | None, run: dict) -> Renderer:
+        template = self.prompt_template or run.get("prompt_template", "auto")
+        return Renderer(self.tokenizer, get_template(template, self.tokenizer), cutoff_len=10**9)
+
+    def _load(self, name: str, path: str, flag: str = "--adapter") -> Served:
+        if not NAME.match(name) or name == self.base.name or name == "__base__":
+            raise PeftuneError(f"{flag} {name}={path}: the name must be letters, digits, '.', '_', ':' or '-', "
+                               f"and not the base model's name")
+        if name in self.served:
+            raise PeftuneError(f"{flag} {name}: an adapter of that name is already loaded")
+        run = run_config(path, flag)
+        trained_on = _base_of(path, run)
+        if trained_on and models.resolve_model_path(trained_on) != self.base_path:
+            raise PeftuneError(f"{flag} {name}={path}: trained on base model {trained_on}, but this engine runs "
+                               f"{self.base_model}; give --base_model {trained_on}")
+        from peft import PeftModel
+
+        try:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(path, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise PeftuneError(f"{flag} {name}={path}: cannot load it beside the other adapters ({e}); serve "
+                               "adapters of one kind together") from None
+        config = self.model.peft_config[name]
+        served = Served(name, os.path.abspath(path), self._renderer(path, run),
+                        system_prompt(run.get("system_prompt"), run.get("data_vars") or {}),
+                        virtual=bool(getattr(config, "is_prompt_learning", False)), run=run)
+        self.served[name] = served
+        self.mixable = self._can_mix()
+        return served
+
+    def _can_mix(self) -> bool:
+        """Whether every loaded adapter can share a forward pass through peft's `adapter_names` (LoRA can; some
+        variants and other methods cannot): tried once on a one-token input."""
+        names = [n for n, s in self.served.items() if not s.virtual]
+        if not names or any(s.virtual for s in self.served.values()):
+            return False
+        try:
+            with torch.no_grad():
+                self.model(input_ids=torch.tensor([[0]] * (len(names) + 1)), adapter_names=[*names, "__base__"])
+            return True
+        except (ValueError, TypeError, RuntimeError):
+            return False
+
+    def load_adapter(self, name: str, path: str) -> Served:
+        with self.scheduler.lock:
+            return self._load(name, path, flag="lora_path")
+
+    def unload_adapter(self, name: str) -> None:
+        with self.scheduler.lock:
+            if name not in self.served:
+                raise PeftuneError(f"no adapter named {name!r} is loaded")
+            for cohort in self.scheduler.cohorts.values():
+                keep = [i for i, r in enumerate(cohort.rows) if r.req.adapter != name]
+                for r in cohort.rows:
+                    if r.req.adapter == name:
+                        r.req.emit({"error": f"adapter {name} was unloaded"})
+                if len(keep) < len(cohort.rows):
+                    from .scheduler import drop_rows
+
+                    drop_rows(cohort, keep)
+            del self.served[name]
+            self.model.delete_adapter(name)
+            self.mixable = self._can_mix()
+
+    def get(self, name: str | None) -> Served:
+        if name in (None, self.base.name):
+            return self.base
+        if name not in self.served:
+            raise KeyError(name)
+        return self.served[name]
+
+    # ------------------------------------------------------------------ prompts
+    def chat_prompt(self, name: str | None, messages: list[dict], tools=None, default_system: bool = True) -> list[int]:
+        """Token ids of a conversation for this model, its own system prompt added when the conversation has none
+        (unless default_system is False)."""
+        served = self.get(name)
+        if default_system and served.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": served.system_prompt}, *messages]
+        with self.tokenizer_lock:
+            return served.renderer.prompt_ids(messages, tools=tools)
+
+    def text_prompt(self, name: str | None, prompt: str) -> list[int]:
+        served = self.get(name)
+        with self.tokenizer_lock:
+            return list(served.renderer.text_prefix) + served.renderer.encode(prompt)
+
+    def check_length(self, prompt_ids: list[int]) -> None:
+        if len(prompt_ids) >= self.context:
+            raise PromptTooLong(len(prompt_ids), self.context)
+
+    # ------------------------------------------------------------------ generation
+    def submit(self, name: str | None, prompt_ids: list[int], params: SamplingParams, emit) -> Request:
+        served = self.get(name)
+        self.check_length(prompt_ids)
+        req = Request(served.name if served.path else None, prompt_ids, params, emit, max_context=self.context)
+        return self.scheduler.submit(req)
+
+    def generate(self, name: str | None, messages: list[dict], params: SamplingParams, on_text=None,
+                 default_system: bool = True):
+        """One conversation, answered synchronously: (text, finish_reason, usage). on_text(chunk) streams."""
+        events: queue.Queue = queue.Queue()
+        self.submit(name, self.chat_prompt(name, messages, default_system=default_system), params, events.put)
+        parts: list[str] = []
+        while True:
+            event = events.get()
+            if "error" in event:
+                raise RuntimeError(event["error"])
+            if "text" in event:
+                parts.append(event["text"])
+                if on_text:
+                    on_text(event["text"])
+            if "finish_reason" in event:
+                return "".join(parts), event["finish_reason"], event["usage"]
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    # ------------------------------------------------------------------ the model side of the scheduler
+    def cohort_key(self, adapter: str | None) -> str:
+        if adapter and self.served[adapter].virtual:
+            return f"virtual:{adapter}"
+        if self.mixable or not self.served:
+            return "mix"
+        return adapter or "__base__"
+
+    def _forward(self, adapter_names: list[str | None], virtual: bool, **kwargs):
+        """A forward of the right model for these rows: the bare base for virtual-token rows (their tokens are in the
+        cache already), peft's mixed batch, or one adapter set active."""
+        from peft import PeftModel
+
+        kwargs.update(use_cache=True, logits_to_keep=1)
+        if not isinstance(self.model, PeftModel) or virtual:
+            base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+            return base(**kwargs)
+        if self.mixable:
+            return self.model(adapter_names=[n or "__base__" for n in adapter_names], **kwargs)
+        if adapter_names[0] is None:
+            with self.model.disable_adapter():
+                return self.model(**kwargs)
+        self.model.set_adapter(adapter_names[0])
+        return self.model(**kwargs)
+
+    def prefill(self, req: Request):
+        """(cache, mask, last logits, next position) of one request's prompt, computed alone."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([req.prompt_ids])
+        served = self.served.get(req.adapter) if req.adapter else None
+        if served is not None and served.virtual:
+            return self._prefill_virtual(req.adapter, ids)
+        out = self._forward([req.adapter], False, input_ids=ids, cache=DynamicCache(),
+                            position_ids=torch.arange(ids.shape[1])[None], attention_mask=torch.ones_like(ids))
+        return out.cache, torch.ones_like(ids), out.logits[0, -1], ids.shape[1]
+
+    def _prefill_virtual(self, name: str, ids: torch.Tensor):
+        """The learned tokens go in once, as peft's training forward puts them: prefix tuning's keys/values as a
+        pre-filled cache (the prompt's positions after them), prompt/p-tuning's embeddings before the prompt's."""
+        from transformers import DynamicCache
+
+        self.model.set_adapter(name)
+        config = self.model.peft_config[name]
+        n, length = config.num_virtual_tokens, ids.shape[1]
+        base = self.model.get_base_model()
+        mask = torch.ones((1, n + length), dtype=ids.dtype)
+        if config.peft_type == "PREFIX_TUNING":
+            prefix = self.model.get_prompt(batch_size=1)
+            if not isinstance(prefix, DynamicCache):
+                prefix = DynamicCache(ddp_cache_data=[(k, v) for k, v in prefix])
+            out = base(input_ids=ids, cache=prefix, attention_mask=mask, position_ids=n + torch.arange(length)[None],
+                       use_cache=True, logits_to_keep=1)
+        else:
+            embeds = base.get_input_embeddings()(ids)
+            embeds = torch.cat([self.model.get_prompt(batch_size=1).to(embeds.dtype), embeds], dim=1)
+            out = base(inputs_embeds=embeds, cache=DynamicCache(), attention_mask=mask,
+                       position_ids=torch.arange(n + length)[None], use_cache=True, logits_to_keep=1)
+        return out.cache, mask, out.logits[0, -1], n + length
+
+    def decode(self, cohort, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        rows = cohort.rows
+        out = self._forward([r.req.adapter for r in rows], cohort.key.startswith("virtual:"), input_ids=ids,
+                            cache=cohort.cache, attention_mask=cohort.mask, position_ids=positions)
+        cohort.cache = out.cache
+        return out.logits[:, -1]

@@ -1,0 +1,225 @@
+"""Continuous batching: one worker thread decodes every running request a token per step, sharing forward passes.
+
+A request is prefilled alone (so its prompt is computed exactly as in a single stream), then joins a cohort: rows
+that can share one forward. Rows of different LoRA adapters share a cohort through peft's `adapter_names`
+(each row's own adapter in every layer); adapters that cannot mix, and virtual-token adapters, get a cohort of
+their own. A cohort's KV cache is one left-padded `DynamicCache` with an attention mask and explicit positions per
+row; finished or cancelled rows leave it at once (`batch_select_indices`), and new rows join between steps.
+
+Written here because neither transformers' `generate` (one batch, one set of settings, rows join only at the
+start) nor its continuous-batching manager (no per-row peft adapters) serves many adapters per request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .sampling import RowSampler, SamplingParams, TextStream
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server allows (answered with 429)."""
+
+
+@dataclass
+class Request:
+    adapter: str | None  # None: the base model
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[dict], None]  # gets {"text": ...} chunks, then {"finish_reason", "usage"} (or {"error"})
+    max_context: int = 1 << 30
+    id: int = field(default_factory=itertools.count().__next__)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class Row:
+    req: Request
+    sampler: RowSampler
+    text: TextStream
+    position: int  # the position id of the next token fed in
+    last: int  # the token fed in next
+    generated: int = 0
+
+
+@dataclass
+class Cohort:
+    key: str
+    rows: list[Row] = field(default_factory=list)
+    cache: object = None  # DynamicCache
+    mask: torch.Tensor | None = None  # [rows, cache length] (1 = a real key)
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
+
+
+def merge(cohort: Cohort, cache, mask: torch.Tensor) -> None:
+    """Appends one prefilled row (its cache and mask) to a cohort, padding the shorter side on the left."""
+    from transformers import DynamicCache
+
+    if cohort.cache is None:
+        cohort.cache, cohort.mask = cache, mask
+        return
+    width = max(cohort.mask.shape[1], mask.shape[1])
+    layers = [(torch.cat([_pad_left(k1, width, 2), _pad_left(k2, width, 2)]),
+               torch.cat([_pad_left(v1, width, 2), _pad_left(v2, width, 2)]))
+              for (k1, v1, *_), (k2, v2, *_) in zip(cohort.cache, cache)]
+    cohort.cache = DynamicCache(ddp_cache_data=layers)
+    cohort.mask = torch.cat([_pad_left(cohort.mask, width, 1), _pad_left(mask, width, 1)])
+
+
+def drop_rows(cohort: Cohort, keep: list[int]) -> None:
+    """Keeps the rows at `keep`; trims key columns that no remaining row attends to."""
+    from transformers import DynamicCache
+
+    index = torch.tensor(keep, dtype=torch.long)
+    cohort.rows = [cohort.rows[i] for i in keep]
+    if not keep:
+        cohort.cache = cohort.mask = None
+        return
+    mask = cohort.mask[index]
+    used = mask.any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else 0
+    cohort.mask = mask[:, start:]
+    cohort.cache = DynamicCache(ddp_cache_data=[(k[index, :, start:], v[index, :, start:])
+                                                for k, v, *_ in cohort.cache])
+
+
+class Scheduler:
+    """The worker thread. `backend` is the engine's model side: cohort_key(adapter), prefill(request) -> (cache,
+    mask, logits, next position), decode(cohort, input_ids, positions) -> logits, and the tokenizer."""
+
+    def __init__(self, backend, max_batch: int = 8, max_queue: int = 64) -> None:
+        self.backend, self.max_batch = backend, max_batch
+        self.pending: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self.cohorts: dict[str, Cohort] = {}
+        self.lock = threading.Lock()  # held around each step; adapter loading takes it too
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="peftune-decode", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------ public
+    def submit(self, req: Request) -> Request:
+        try:
+            self.pending.put_nowait(req)
+        except queue.Full:
+            raise QueueFull(f"{self.pending.maxsize} requests are already waiting") from None
+        return req
+
+    def running(self) -> int:
+        return sum(len(c.rows) for c in self.cohorts.values())
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                idle = self.running() == 0
+                self._admit(block=idle)
+                with self.lock:
+                    for cohort in list(self.cohorts.values()):
+                        if cohort.rows:
+                            self._step(cohort)
+                    self.cohorts = {k: c for k, c in self.cohorts.items() if c.rows}
+            except Exception as e:  # a bug must not kill the server: fail the running requests, keep serving
+                self._fail_all(f"internal error while generating: {type(e).__name__}: {e}")
+
+    def _admit(self, block: bool) -> None:
+        while self.running() < self.max_batch:
+            try:
+                req = self.pending.get(timeout=0.05) if block else self.pending.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if req.cancelled.is_set():
+                continue
+            with self.lock:
+                try:
+                    self._prefill(req)
+                except Exception as e:
+                    req.emit({"error": f"{type(e).__name__}: {e}"})
+
+    @torch.no_grad()
+    def _prefill(self, req: Request) -> None:
+        started = time.perf_counter()
+        cache, mask, logits, position = self.backend.prefill(req)
+        row = Row(req, RowSampler(req.params, req.prompt_ids), TextStream(self.backend.tokenizer, req.params.stop),
+                  position, last=-1)
+        req.timing = {"prefill_s": time.perf_counter() - started}
+        if self._advance(row, logits):
+            return
+        key = self.backend.cohort_key(req.adapter)
+        cohort = self.cohorts.setdefault(key, Cohort(key))
+        merge(cohort, cache, mask)
+        cohort.rows.append(row)
+
+    @torch.no_grad()
+    def _step(self, cohort: Cohort) -> None:
+        ids = torch.tensor([[r.last] for r in cohort.rows])
+        positions = torch.tensor([[r.position] for r in cohort.rows])
+        cohort.mask = torch.cat([cohort.mask, torch.ones((len(cohort.rows), 1), dtype=cohort.mask.dtype)], dim=1)
+        logits = self.backend.decode(cohort, ids, positions)
+        keep = []
+        for i, row in enumerate(cohort.rows):
+            row.position += 1
+            if not self._advance(row, logits[i]):
+                keep.append(i)
+        if len(keep) < len(cohort.rows):
+            drop_rows(cohort, keep)
+
+    def _advance(self, row: Row, logits: torch.Tensor) -> bool:
+        """Samples the row's next token and streams its text; True when the row is done (and was finished)."""
+        req = row.req
+        if req.cancelled.is_set():
+            req.emit({"finish_reason": "cancelled", "usage": None})
+            return True
+        token = row.sampler.next_token(logits)
+        row.generated += 1
+        finish = None
+        if token in self.backend.eos_ids:
+            finish = "stop"
+        else:
+            with self.backend.tokenizer_lock:
+                text = row.text.push(token)
+            if text:
+                req.emit({"text": text})
+            if row.text.stopped:
+                finish = "stop"
+            elif row.generated >= req.params.max_tokens or row.position >= req.max_context:
+                finish = "length"
+        if finish is None:
+            row.last = token
+            return False
+        with self.backend.tokenizer_lock:
+            tail = row.text.finish()
+        if tail:
+            req.emit({"text": tail})
+        req.emit({"finish_reason": finish, "usage": {"prompt_tokens": len(req.prompt_ids),
+                                                      "completion_tokens": row.generated,
+                                                      "total_tokens": len(req.prompt_ids) + row.generated}})
+        return True
+
+    def _fail_all(self, message: str) -> None:
+        for cohort in self.cohorts.values():
+            for row in cohort.rows:
+                row.req.emit({"error": message})
+        self.cohorts = {}

@@ -1,0 +1,62 @@
+"""The live server of the serve tests: `peftune serve` in a subprocess on a free 127.0.0.1 port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+KEY = "sk-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: str, adapters: dict, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "peftune.cli", "serve", "--base_model", base, "--port", str(self.port),
+               "--served_model_name", "tiny", *[f"--adapter={n}={p}" for n, p in adapters.items()], *extra]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        self.log = open(os.path.join(os.path.dirname(base), f"serve-{self.port}.log"), "w+")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while True:
+            assert self.proc.poll() is None, self.output()
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1).read()
+                return
+            except OSError:
+                assert time.time() < deadline, self.output()
+                time.sleep(0.2)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def health(self) -> dict:
+        return json.loads(urllib.request.urlopen(self.url + "/health", timeout=5).read())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def ask(client, model: str, content: str = "Who are you?", **kw) -> str:
+    kw.setdefault("max_tokens", 12)
+    kw.setdefault("temperature", 0)
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **kw)
+    return r.choices[0].message.content
