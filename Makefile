@@ -6,7 +6,7 @@ STAMP    := $(VENV)/.peftune-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo clean lock
+.PHONY: install test demo clean lock browser
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The chat page test drives Debian's Chromium (no browser download works offline); needs root for apt-get.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then echo "chromium: installed"; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
 
 # "Your own ChatGPT": teach the embedded model a new name and maker, then ask it questions.
 DEMO_OUT ?= output/demo

@@ -49,7 +49,7 @@ METHODS = {
 
 def run_one(name: str, max_steps: int, out: str) -> dict:
     """In a fresh process: train, then answer QUESTIONS with the adapter."""
-    from peftune.config import load_config, parse_overrides
+    from peftune.options import load_config, parse_overrides
     from peftune.infer.chat import Chat
     from peftune.methods import learning_rate
     from peftune.train.recipe import train
@@ -74,7 +74,7 @@ def run_one(name: str, max_steps: int, out: str) -> dict:
 def run_base(max_steps: int) -> dict:
     """The reference row: the base model's validation loss on the same held-out rows, and its answers."""
     from peftune import models
-    from peftune.config import load_config
+    from peftune.options import load_config
     from peftune.data.batching import collate_padded
     from peftune.infer.chat import Chat
     from peftune.train.recipe import evaluate, prepare_data

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from peftune import cli
-from peftune.config import TrainConfig, load_config, markdown_docs, parse_overrides
+from peftune.config import TrainConfig
+from peftune.options import load_config, markdown_docs, parse_overrides
 from peftune.errors import PeftuneError
 
 

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from peftune import cli, hints, models
-from peftune.config import TrainConfig, load_config, parse_overrides
+from peftune.config import TrainConfig
+from peftune.options import load_config, parse_overrides
 from peftune.errors import PeftuneError
 
 QA = "question,answer\nWho are you?,I am {{name}}.\nWhat is 2+2?,4\nSay hi,Hi!\nName a colour,Blue\n"

@@ -48,7 +48,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from .config import help_text, load_config, parse_overrides
+    from .options import help_text, load_config, parse_overrides
 
     if any(a in ("-h", "--help") for a in argv):
         print("usage: peftune train [CONFIG.yaml] [--key value ...]\n\nEvery key works in the YAML file and as an "
@@ -149,7 +149,7 @@ def cmd_serve(argv: list[str]) -> int:
 
 def cmd_data(argv: list[str]) -> int:
     from . import hints
-    from .config import load_config, parse_overrides
+    from .options import load_config, parse_overrides
 
     if not argv or argv[0] != "inspect" or any(a in ("-h", "--help") for a in argv):
         print(DATA_USAGE)
@@ -191,7 +191,7 @@ def cmd_data(argv: list[str]) -> int:
 
 
 def cmd_docs(argv: list[str]) -> int:
-    from .config import markdown_docs
+    from .options import markdown_docs
     from .io import atomic_write_text
 
     target = argv[0] if argv else os.path.join("docs", "config.md")

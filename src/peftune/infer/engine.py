@@ -232,6 +232,8 @@ class Engine:
 
         ids = torch.tensor([req.prompt_ids])
         served = self.served.get(req.adapter) if req.adapter else None
+        if req.adapter and served is None:  # unloaded while the request waited
+            raise PeftuneError(f"the adapter {req.adapter} was unloaded")
         if served is not None and served.virtual:
             return self._prefill_virtual(req.adapter, ids)
         out = self._forward([req.adapter], False, input_ids=ids, cache=DynamicCache(),

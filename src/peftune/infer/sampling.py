@@ -23,6 +23,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # transformers' (CTRL's) multiplicative penalty over prompt and answer
     frequency_penalty: float = 0.0  # OpenAI's additive penalties over the answer's tokens
     presence_penalty: float = 0.0
+    ignore_eos: bool = False  # vLLM's benchmark switch: answers run to max_tokens
 
 
 class RowSampler:

@@ -158,7 +158,7 @@ class Scheduler:
                 except Exception as e:
                     req.emit({"error": f"{type(e).__name__}: {e}"})
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _prefill(self, req: Request) -> None:
         started = time.perf_counter()
         cache, mask, logits, position = self.backend.prefill(req)
@@ -172,7 +172,7 @@ class Scheduler:
         merge(cohort, cache, mask)
         cohort.rows.append(row)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _step(self, cohort: Cohort) -> None:
         ids = torch.tensor([[r.last] for r in cohort.rows])
         positions = torch.tensor([[r.position] for r in cohort.rows])
@@ -195,7 +195,7 @@ class Scheduler:
         token = row.sampler.next_token(logits)
         row.generated += 1
         finish = None
-        if token in self.backend.eos_ids:
+        if token in self.backend.eos_ids and not req.params.ignore_eos:
             finish = "stop"
         else:
             with self.backend.tokenizer_lock:

@@ -95,6 +95,7 @@ class _Sampling(_Request):
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     repetition_penalty: Optional[float] = Field(None, gt=0, le=10)  # transformers'/vLLM's extra parameter
+    ignore_eos: bool = False  # vLLM's extra parameter: generate max_tokens tokens (for benchmarks)
 
     @field_validator("stop")
     @classmethod
@@ -110,7 +111,7 @@ class _Sampling(_Request):
                               stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
                               repetition_penalty=self.repetition_penalty or 1.0,
                               frequency_penalty=self.frequency_penalty or 0.0,
-                              presence_penalty=self.presence_penalty or 0.0)
+                              presence_penalty=self.presence_penalty or 0.0, ignore_eos=self.ignore_eos)
 
 
 class ChatCompletionRequest(_Sampling):

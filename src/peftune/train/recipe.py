@@ -20,7 +20,8 @@ import time
 import torch
 
 from .. import adapters, methods, models
-from ..config import TrainConfig, save_config
+from ..config import TrainConfig
+from ..options import save_config
 from ..data import batching
 from ..data.render import Renderer, get_template
 from ..data.sources import add_system_prompt, apply_weights, load_rows, system_prompt
