@@ -161,7 +161,7 @@ def llama_cpp(prompts: list[str], max_tokens: int, threads: int) -> dict | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", action="append", default=[], help="adapter directories (default: two made here)")
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "int8"))
     ap.add_argument("--max_tokens", type=int, default=64)
     ap.add_argument("--levels", default="1,4,8")
     ap.add_argument("--per_client", type=int, default=2, help="requests each client sends in turn")

@@ -24,7 +24,7 @@ def test_engine_generates_what_the_training_forward_computes(method, tiny_model_
                 p.normal_(std=2.0)  # a strong adapter, so a dropped or repeated prompt shows
     model.eval()
     model.save_pretrained(tmp_path / "adapter")
-    engine = Engine(tiny_model_dir, {"x": str(tmp_path / "adapter")})
+    engine = Engine(tiny_model_dir, {"x": str(tmp_path / "adapter")}, dtype="fp32")  # exact: peft's own arithmetic
     try:
         messages = [{"role": "user", "content": "Hello"}]
         ids = engine.chat_prompt("x", messages)

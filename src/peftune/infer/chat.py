@@ -16,7 +16,7 @@ class Chat:
     """The base model with one adapter, answering through the shared engine (engine.py)."""
 
     def __init__(self, adapter: str | None = None, base_model: str | None = None, prompt_template: str | None = None,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, dtype: str = "auto") -> None:
         run = run_config(adapter) if adapter else {}
         quantize = {k: bool(run.get(k)) for k in ("load_in_4bit", "load_in_8bit")}
         if any(quantize.values()):  # a QLoRA adapter answers best on the base it was trained against
@@ -26,7 +26,8 @@ class Chat:
                 print(f"note: {e}; answering with the unquantized base", file=sys.stderr)
                 quantize = {}
         self.engine = Engine(base_model, {"adapter": adapter} if adapter else {}, prompt_template=prompt_template,
-                             trust_remote_code=trust_remote_code, max_batch=1, quantize=quantize)
+                             trust_remote_code=trust_remote_code, max_batch=1, quantize=quantize,
+                             dtype=dtype)
         self.name = "adapter" if adapter else None
         self.tokenizer = self.engine.tokenizer
         # the adapter's own default system prompt (saved by `peftune train`, placeholders filled)
@@ -71,7 +72,7 @@ def repl(chat: Chat, system: str | None, **gen) -> None:
 
 
 def run(args) -> int:
-    chat = Chat(args.adapter, args.base_model, args.prompt_template, args.trust_remote_code)
+    chat = Chat(args.adapter, args.base_model, args.prompt_template, args.trust_remote_code, args.dtype)
     args.system = chat.system_prompt if args.system is None else args.system  # --system "" = none
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
            "repetition_penalty": args.repetition_penalty}
@@ -102,4 +103,7 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling when temperature > 0 (default 0.9)")
     p.add_argument("--repetition_penalty", type=float, default=1.1, help="> 1 discourages repeats (default 1.1)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16", "int8"),
+                   help="weights for answering: auto (default: int8 weights on a CPU for LoRA adapters, else fp32; "
+                   "bf16 on a GPU), fp32, bf16, fp16, int8 (weight-only; the same as `peftune serve`)")
     p.add_argument("--trust_remote_code", action="store_true", help="run model code shipped with a hub model")

@@ -19,7 +19,9 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api_key", default=os.environ.get("PEFTUNE_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1 (default: $PEFTUNE_API_KEY; none = open)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights' dtype (default fp32)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16", "int8"),
+                   help="weights: auto (default: int8 weight-only on a CPU when the adapters are plain LoRA, else fp32; "
+                   "bf16 on a GPU), fp32, bf16, fp16, int8")
     p.add_argument("--max_batch", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max_queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
     p.add_argument("--max_tokens", type=int, default=512, help="answer length when a chat request gives none")
