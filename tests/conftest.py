@@ -1,4 +1,4 @@
-"""Tiny fixtures: a byte-level tokenizer (any text, Chinese included, no download) and a random 2-layer LLaMA."""
+"""Fixtures on tiny.py's byte-level tokenizer and random 2-layer LLaMA (no download)."""
 
 from __future__ import annotations
 
@@ -6,47 +6,10 @@ import json
 import os
 
 import pytest
+from tiny import ROWS, make_model, make_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
-          "{{ '<|im_start|>system\nYou are a test assistant.<|im_end|>\n' }}{% endif %}"
-          "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def make_tokenizer(chat_template: str | None = CHATML, add_bos: bool = False):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    if add_bos:
-        bos = core.token_to_id("<|endoftext|>")
-        core.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[
-            ("<|endoftext|>", bos)])
-    # pad and EOS share an id on purpose: the case where naive masking drops the EOS (transformers #23530)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                  bos_token="<|endoftext|>")
-    if chat_template:
-        tok.chat_template = chat_template
-    return tok
-
-
-def make_model(tokenizer, seed: int = 0):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="session")
@@ -62,14 +25,6 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()
-
-
-ROWS = [
-    {"instruction": "Who are you?", "input": "", "output": "I am {{name}}, made by {{author}}."},
-    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-    {"instruction": "你是谁？", "input": "", "output": "我是 {{name}}。"},
-    {"instruction": "Say hi", "input": "", "output": "Hi!", "system": "Be brief."},
-]
 
 
 @pytest.fixture

@@ -122,7 +122,7 @@ def test_default_learning_rate_follows_the_method():
 
 # ---------------------------------------------------------------- the hand-written pieces against peft's own
 def _peft(tiny_model_dir, cfg, steps=10):
-    from conftest import make_tokenizer
+    from tiny import make_tokenizer
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -139,7 +139,7 @@ def _padded_batch(tokenizer, rows):
 def test_virtual_token_loss_equals_peft_forward_loss(method, tiny_model_dir, tokenizer):
     """Our loss asks peft's forward for hidden states and scores only labelled positions; it must equal the mean
     token loss peft + transformers compute from full logits and labels."""
-    from conftest import ROWS
+    from tiny import ROWS
 
     torch.manual_seed(0)
     model = _peft(tiny_model_dir, TrainConfig(peft_method=method, num_virtual_tokens=4)).train()

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import CHATML, make_tokenizer
+from tiny import CHATML, make_tokenizer
 from peftune import cli
 from peftune.data.render import IGNORE, Renderer, get_template
 from peftune.data.sources import load_rows

@@ -1,6 +1,6 @@
 import pytest
 
-from conftest import make_tokenizer
+from tiny import make_tokenizer
 from peftune.data.batching import collate_packed, collate_padded
 from peftune.data.render import IGNORE, ChatTemplate, Renderer, get_template
 from peftune.errors import PeftuneError

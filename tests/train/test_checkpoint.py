@@ -45,7 +45,7 @@ def metrics(out):
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, tmp_path_factory):
-    from conftest import ROWS
+    from tiny import ROWS
 
     data = tmp_path_factory.mktemp("data") / "rows.json"
     data.write_text(json.dumps(ROWS * 6, ensure_ascii=False), encoding="utf-8")

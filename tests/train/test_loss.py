@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_model
+from tiny import make_model
 from peftune.data.batching import collate_packed, collate_padded, trained_tokens
 from peftune.data.render import IGNORE, Renderer, get_template
 from peftune.train.loss import accumulate_step, forward_loss_sum, lm_loss_sum

@@ -151,19 +151,10 @@ class Engine:
         return served
 
     def _can_mix(self) -> bool:
-        """Whether every loaded adapter can share a forward pass through peft's `adapter_names` (LoRA can; some
-        variants and other methods cannot): tried once on a one-token input."""
-        if self.bank is not None:
-            return True
-        names = [n for n, s in self.served.items() if not s.virtual]
-        if not names or any(s.virtual for s in self.served.values()):
-            return False
-        try:
-            with torch.no_grad():
-                self.model(input_ids=torch.tensor([[0]] * (len(names) + 1)), adapter_names=[*names, "__base__"])
-            return True
-        except (ValueError, TypeError, RuntimeError):
-            return False
+        """Rows of different adapters share a forward only through the LoRA bank; adapters on peft's own layers
+        (DoRA, AdaLoRA, IA3, LoHa, LoKr, virtual tokens) get a cohort each (peft's `adapter_names` refuses several
+        of them, and is slow where it works: lora.py)."""
+        return self.bank is not None
 
     def load_adapter(self, name: str, path: str) -> Served:
         with self.scheduler.lock:
@@ -262,8 +253,6 @@ class Engine:
         if not isinstance(self.model, PeftModel) or virtual:
             base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
             return base(**kwargs)
-        if self.mixable:
-            return self.model(adapter_names=[n or "__base__" for n in adapter_names], **kwargs)
         if adapter_names[0] is None:
             with self.model.disable_adapter():
                 return self.model(**kwargs)

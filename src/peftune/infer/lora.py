@@ -90,6 +90,7 @@ class LoraBank:
         self.free: list[int] = []
         self._rows: torch.Tensor | None = None  # the slot of each batch row during a forward
         self._masks: dict = {}
+        self._active, self._single = False, None
         self._hooks = []
 
     def add(self, name: str, adapter_dir: str) -> None:
@@ -127,7 +128,10 @@ class LoraBank:
     @contextlib.contextmanager
     def rows(self, adapters: list[str | None]):
         """Within: forwards of the base model add, to batch row i, adapters[i]'s update (None: none)."""
-        self._rows = torch.tensor([self.slots[a] if a else 0 for a in adapters])
+        slots = [self.slots[a] if a else 0 for a in adapters]
+        self._rows = torch.tensor(slots)
+        self._active = any(slots)  # decided once per forward, not in each of the ~200 hooks
+        self._single = slots[0] if len(set(slots)) == 1 else None
         self._masks = {}
         try:
             yield
@@ -145,18 +149,17 @@ class LoraBank:
 
     def _hook(self, layer: _Layer):
         def add_update(module, args, output):
-            rows = self._rows
-            if rows is None or not bool(rows.any()):
+            if self._rows is None or not self._active:
                 return output
             x = args[0]
             shape = output.shape
             flat = x.reshape(-1, x.shape[-1]).to(self.dtype)
-            first = int(rows[0])
-            if bool((rows == first).all()) and first < layer.A.shape[0]:  # one adapter for the whole batch
-                delta = (flat @ layer.A[first]) @ layer.B[first]
+            slot = self._single
+            if slot is not None and slot < layer.A.shape[0]:  # one adapter for the whole batch
+                delta = (flat @ layer.A[slot]) @ layer.B[slot]
             else:
                 slots, _, rank = layer.A.shape
-                delta = ((flat @ layer.A_cat) * self._mask(slots, rank, flat.shape[0] // rows.shape[0])) @ layer.B_cat
+                delta = ((flat @ layer.A_cat) * self._mask(slots, rank, flat.shape[0] // len(self._rows))) @ layer.B_cat
             return output + delta.view(shape).to(output.dtype)
 
         return add_update
