@@ -73,6 +73,13 @@ def repl(chat: Chat, system: str | None, **gen) -> None:
 
 def run(args) -> int:
     chat = Chat(args.adapter, args.base_model, args.prompt_template, args.trust_remote_code, args.dtype)
+    try:
+        return _answer(chat, args)
+    finally:
+        chat.engine.close()
+
+
+def _answer(chat: Chat, args) -> int:
     args.system = chat.system_prompt if args.system is None else args.system  # --system "" = none
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
            "repetition_penalty": args.repetition_penalty}

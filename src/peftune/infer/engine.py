@@ -7,11 +7,13 @@ was trained, and batched streaming decoding (scheduler.py). Used by `peftune cha
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import queue
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +31,12 @@ from .scheduler import QueueFull, Request, Scheduler  # noqa: F401  (QueueFull: 
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
+
+
+def _close(ref) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.close()
 
 
 def resolve_dtype(dtype: str, int8_ok: bool) -> str:
@@ -102,6 +110,8 @@ class Engine:
         for name, path in adapters.items():
             self._load(name, path)
         self.scheduler = Scheduler(self, max_batch=max_batch, max_queue=max_queue)
+        # the decode thread must stop before the interpreter does (torch aborts the process otherwise)
+        atexit.register(_close, weakref.ref(self))
 
     # ------------------------------------------------------------------ adapters
     def _renderer(self, path: str | None, run: dict) -> Renderer:

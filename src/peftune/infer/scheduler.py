@@ -127,7 +127,8 @@ class Scheduler:
 
     def close(self) -> None:
         self._stop.set()
-        self.thread.join(timeout=10)
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:

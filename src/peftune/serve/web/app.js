@@ -27,6 +27,8 @@ function render(text) {
       const code = nl >= 0 && /^[\w+-]*$/.test(lang) ? part.slice(nl + 1) : part;
       return `<pre><code${lang ? ` data-lang="${escapeHtml(lang)}"` : ""}>${escapeHtml(code)}</code></pre>`;
     }
+    if (i > 0) part = part.replace(/^\n/, "");  // the line break after a closing fence
+    if (i < parts.length - 1) part = part.replace(/\n$/, "");  // and before an opening one
     return escapeHtml(part).replace(/`([^`\n]+)`/g, "<code>$1</code>");
   }).join("");
 }
