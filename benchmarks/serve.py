@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,12 +48,6 @@ def random_adapters(base_dir: str, out: str) -> list[str]:
         model.save_pretrained(path)
         paths.append(path)
     return paths
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stream_one(url: str, model: str, prompt: str, max_tokens: int) -> dict:
@@ -174,18 +167,11 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="peftune-bench-")
     adapters = args.adapter or random_adapters(base_dir, tmp)
     names = [f"a{i}" for i in range(len(adapters))]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "peftune.cli", "serve", "--port", str(port), "--dtype", args.dtype,
-           "--base_model", "smollm2-135m-instruct", *[f"--adapter={n}={p}" for n, p in zip(names, adapters)]]
-    server = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    from peftune.serve.launch import start
+
+    server, url = start(["--dtype", args.dtype, "--base_model", "smollm2-135m-instruct",
+                         *[f"--adapter={n}={p}" for n, p in zip(names, adapters)]], stderr=subprocess.DEVNULL)
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
         stream_one(url, names[0], "warm up", 8)
         rows = [run_level(url, names, int(c), args.per_client, args.max_tokens) for c in args.levels.split(",")]
         flips = batch_invariance(url, names, args.max_tokens)

@@ -10,11 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 
 
 def main() -> None:
@@ -23,12 +19,9 @@ def main() -> None:
     ap.add_argument("--ask", nargs=2, action="append", metavar=("MODEL", "QUESTION"), required=True)
     ap.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve-page.png"))
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "peftune.cli", "serve", "--port", str(port),
-                               *[f"--adapter={a}" for a in args.adapter]], stderr=subprocess.DEVNULL)
+    from peftune.serve.launch import start
+
+    server, url = start([f"--adapter={a}" for a in args.adapter], stderr=subprocess.DEVNULL)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -40,12 +33,6 @@ def main() -> None:
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
         driver.get(url + "/")
         WebDriverWait(driver, 30).until(lambda d: len(Select(d.find_element(By.ID, "model")).options) > 0)
         driver.find_element(By.ID, "temperature").clear()
