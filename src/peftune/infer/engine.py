@@ -97,7 +97,6 @@ class Engine:
         self.model = model.eval()
         self.base = Served(base_name or base_model, None, self._renderer(None, {}))
         self.served: dict[str, Served] = {}
-        self.mixable = True
         # plain LoRA adapters (the default, and most of what is trained) run through the fast bank (lora.py);
         # any other kind makes the whole engine use peft's own adapter layers
         self.bank = LoraBank(self.model) if self.bank_ok else None
@@ -157,14 +156,7 @@ class Engine:
                         system_prompt(run.get("system_prompt"), run.get("data_vars") or {}),
                         virtual=bool(getattr(config, "is_prompt_learning", False)), run=run)
         self.served[name] = served
-        self.mixable = self._can_mix()
         return served
-
-    def _can_mix(self) -> bool:
-        """Rows of different adapters share a forward only through the LoRA bank; adapters on peft's own layers
-        (DoRA, AdaLoRA, IA3, LoHa, LoKr, virtual tokens) get a cohort each (peft's `adapter_names` refuses several
-        of them, and is slow where it works: lora.py)."""
-        return self.bank is not None
 
     def load_adapter(self, name: str, path: str) -> Served:
         with self.scheduler.lock:
@@ -188,7 +180,6 @@ class Engine:
                 self.bank.remove(name)
             else:
                 self.model.delete_adapter(name)
-            self.mixable = self._can_mix()
 
     def get(self, name: str | None) -> Served:
         if name in (None, self.base.name):
@@ -247,7 +238,10 @@ class Engine:
     def cohort_key(self, adapter: str | None) -> str:
         if adapter and self.served[adapter].virtual:
             return f"virtual:{adapter}"
-        if self.mixable or not self.served:
+        # rows of different adapters share a forward only through the LoRA bank; adapters on peft's own layers
+        # (DoRA, AdaLoRA, IA3, LoHa, LoKr) get a cohort each: peft's `adapter_names` refuses several of them, and
+        # is slow where it works (lora.py)
+        if self.bank is not None:
             return "mix"
         return adapter or "__base__"
 
