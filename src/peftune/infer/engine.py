@@ -14,7 +14,7 @@ import queue
 import re
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -64,7 +64,6 @@ class Served:
     renderer: Renderer
     system_prompt: str | None = None
     virtual: bool = False  # prefix/prompt/p-tuning: learned tokens go in at prefill
-    run: dict = field(default_factory=dict)
 
 
 def _base_of(adapter_dir: str, run: dict) -> str | None:
@@ -95,7 +94,7 @@ class Engine:
         self.eos_ids = {i for i in (ids if isinstance(ids, list) else [ids]) if i is not None}
         self.eos_ids.add(self.tokenizer.eos_token_id)
         self.model = model.eval()
-        self.base = Served(base_name or base_model, None, self._renderer(None, {}))
+        self.base = Served(base_name or base_model, None, self._renderer({}))
         self.served: dict[str, Served] = {}
         # plain LoRA adapters (the default, and most of what is trained) run through the fast bank (lora.py);
         # any other kind makes the whole engine use peft's own adapter layers
@@ -113,7 +112,7 @@ class Engine:
         atexit.register(_close, weakref.ref(self))
 
     # ------------------------------------------------------------------ adapters
-    def _renderer(self, path: str | None, run: dict) -> Renderer:
+    def _renderer(self, run: dict) -> Renderer:
         template = self.prompt_template or run.get("prompt_template", "auto")
         return Renderer(self.tokenizer, get_template(template, self.tokenizer), cutoff_len=10**9)
 
@@ -128,6 +127,7 @@ class Engine:
         if trained_on and models.resolve_model_path(trained_on) != self.base_path:
             raise PeftuneError(f"{flag} {name}={path}: trained on base model {trained_on}, but this engine runs "
                                f"{self.base_model}; give --base_model {trained_on}")
+        virtual = False
         if self.bank is not None:
             if not plain_lora(path):
                 raise PeftuneError(f"{flag} {name}={path}: not a plain LoRA adapter (DoRA, another method, or extra "
@@ -137,10 +137,15 @@ class Engine:
                 self.bank.add(name, path)
             except (ValueError, KeyError, OSError) as e:
                 raise PeftuneError(f"{flag} {name}={path}: cannot load it ({e})") from None
-            served = Served(name, os.path.abspath(path), self._renderer(path, run),
-                            system_prompt(run.get("system_prompt"), run.get("data_vars") or {}), run=run)
-            self.served[name] = served
-            return served
+        else:
+            virtual = self._load_peft(name, path, flag)
+        served = Served(name, os.path.abspath(path), self._renderer(run),
+                        system_prompt(run.get("system_prompt"), run.get("data_vars") or {}), virtual=virtual)
+        self.served[name] = served
+        return served
+
+    def _load_peft(self, name: str, path: str, flag: str) -> bool:
+        """Loads an adapter onto peft's own layers; True for a virtual-token (prompt learning) adapter."""
         from peft import PeftModel
 
         try:
@@ -151,12 +156,7 @@ class Engine:
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise PeftuneError(f"{flag} {name}={path}: cannot load it beside the other adapters ({e}); serve "
                                "adapters of one kind together") from None
-        config = self.model.peft_config[name]
-        served = Served(name, os.path.abspath(path), self._renderer(path, run),
-                        system_prompt(run.get("system_prompt"), run.get("data_vars") or {}),
-                        virtual=bool(getattr(config, "is_prompt_learning", False)), run=run)
-        self.served[name] = served
-        return served
+        return bool(getattr(self.model.peft_config[name], "is_prompt_learning", False))
 
     def load_adapter(self, name: str, path: str) -> Served:
         with self.scheduler.lock:
