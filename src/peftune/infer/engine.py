@@ -24,13 +24,15 @@ from ..config import EMBEDDED_MODEL
 from ..data.render import Renderer, get_template
 from ..data.sources import system_prompt
 from ..errors import PeftuneError
+from .fast import FastDecoder
 from .lora import LoraBank, plain_lora
 from .quant import quantize_int8
 from .sampling import SamplingParams
-from .scheduler import QueueFull, Request, Scheduler  # noqa: F401  (QueueFull: re-exported for the server)
+from .scheduler import DynamicKV, QueueFull, Request, Scheduler  # noqa: F401  (QueueFull: for the server)
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
+# int8: int8 weights (bf16 activations into their matmuls), everything else in fp32
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 
 
 def _close(ref) -> None:
@@ -96,15 +98,20 @@ class Engine:
         self.model = model.eval()
         self.base = Served(base_name or base_model, None, self._renderer({}))
         self.served: dict[str, Served] = {}
-        # plain LoRA adapters (the default, and most of what is trained) run through the fast bank (lora.py);
-        # any other kind makes the whole engine use peft's own adapter layers
-        self.bank = LoraBank(self.model) if self.bank_ok else None
         self.dtype = dtype
         if dtype == "int8":
-            if self.bank is None:
+            if not self.bank_ok:
                 raise PeftuneError("--dtype int8 serves plain LoRA adapters (through peftune's own LoRA layers); "
                                    "these adapters need peft's layers: use --dtype bf16 or fp32")
             quantize_int8(self.model)
+        # plain LoRA adapters (the default, and most of what is trained) run through the LoRA bank (lora.py), on
+        # the lean decoder (fast.py) when the model is LLaMA-like; any other kind of adapter makes the whole engine
+        # use peft's own adapter layers
+        self.decoder = FastDecoder.build(self.model) if self.bank_ok else None
+        groups = self.decoder.groups() if self.decoder else None
+        self.bank = LoraBank(self.model, groups=groups) if self.bank_ok else None
+        if self.decoder:
+            self.decoder.bank = self.bank
         for name, path in adapters.items():
             self._load(name, path)
         self.scheduler = Scheduler(self, max_batch=max_batch, max_queue=max_queue)
@@ -172,9 +179,7 @@ class Engine:
                     if r.req.adapter == name:
                         r.req.emit({"error": f"adapter {name} was unloaded"})
                 if len(keep) < len(cohort.rows):
-                    from .scheduler import drop_rows
-
-                    drop_rows(cohort, keep)
+                    cohort.keep(keep)
             del self.served[name]
             if self.bank is not None:
                 self.bank.remove(name)
@@ -264,7 +269,7 @@ class Engine:
         return self.model(**kwargs)
 
     def prefill(self, req: Request):
-        """(cache, mask, last logits, next position) of one request's prompt, computed alone."""
+        """(keys/values state, last logits, next position) of one request's prompt, computed alone."""
         from transformers import DynamicCache
 
         ids = torch.tensor([req.prompt_ids])
@@ -273,9 +278,13 @@ class Engine:
             raise PeftuneError(f"the adapter {req.adapter} was unloaded")
         if served is not None and served.virtual:
             return self._prefill_virtual(req.adapter, ids)
+        if self.decoder is not None:
+            with self.bank.rows([req.adapter]):
+                state, logits = self.decoder.prefill(ids)
+            return state, logits, ids.shape[1]
         out = self._forward([req.adapter], False, input_ids=ids, cache=DynamicCache(),
                             position_ids=torch.arange(ids.shape[1])[None], attention_mask=torch.ones_like(ids))
-        return out.cache, torch.ones_like(ids), out.logits[0, -1], ids.shape[1]
+        return DynamicKV(out.cache, torch.ones_like(ids)), out.logits[0, -1], ids.shape[1]
 
     def _prefill_virtual(self, name: str, ids: torch.Tensor):
         """The learned tokens go in once, as peft's training forward puts them: prefix tuning's keys/values as a
@@ -298,11 +307,15 @@ class Engine:
             embeds = torch.cat([self.model.get_prompt(batch_size=1).to(embeds.dtype), embeds], dim=1)
             out = base(inputs_embeds=embeds, cache=DynamicCache(), attention_mask=mask,
                        position_ids=torch.arange(n + length)[None], use_cache=True, logits_to_keep=1)
-        return out.cache, mask, out.logits[0, -1], n + length
+        return DynamicKV(out.cache, mask), out.logits[0, -1], n + length
 
     def decode(self, cohort, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        rows = cohort.rows
-        out = self._forward([r.req.adapter for r in rows], cohort.key.startswith("virtual:"), input_ids=ids,
-                            cache=cohort.cache, attention_mask=cohort.mask, position_ids=positions)
-        cohort.cache = out.cache
+        adapters = [r.req.adapter for r in cohort.rows]
+        if self.decoder is not None:
+            with self.bank.rows(adapters):
+                return self.decoder.step(cohort.state, ids, positions)
+        state = cohort.state
+        out = self._forward(adapters, cohort.key.startswith("virtual:"), input_ids=ids, cache=state.cache,
+                            attention_mask=state.extend(), position_ids=positions)
+        state.cache = out.cache
         return out.logits[:, -1]

@@ -3,12 +3,15 @@
 peft can mix adapters in a batch (`adapter_names`), but its per-layer loop splits the batch by adapter, indexes and
 writes back each group in Python, in every one of a model's ~200 linear layers: measured here on the embedded model
 (bf16, one decode step of one row), a plain forward 48 ms, peft with the adapter active 76 ms, peft with
-`adapter_names` 129 ms. This bank keeps every adapter's A and B (B times its scaling) stacked per layer and adds the
-updates from a forward hook on the base layer with two matmuls: `out + (x A) B` when the batch has one adapter, and
-for a mixed batch `out + ((x A_cat) * mask) B_cat`, where A_cat/B_cat hold all adapters side by side along the rank
-and the mask keeps each row's own columns (a dense form of S-LoRA/Punica's gathered matmul; cheaper than a gather
-for a handful of adapters). The updates are computed in fp32, as peft does. Adapters that are not plain
-LoRA (DoRA, modules_to_save, alpha patterns, other methods) are left to peft (engine.py decides with `plain_lora`).
+`adapter_names` 129 ms. This bank keeps every adapter's A and B (B times its scaling) stacked per group of layers and
+computes the updates with two matmuls: `(x A) B` when the batch has one adapter, and for a mixed batch
+`((x A_cat) * mask) B_cat`, where A_cat/B_cat hold all adapters side by side along the rank and the mask keeps each
+row's own columns (a dense form of S-LoRA/Punica's gathered matmul; cheaper than a gather for a handful of
+adapters). A group is the layers that read one input (q/k/v, gate/up) when the decoder runs them as one fused matmul
+(fast.py): their A matrices side by side and their B matrices block-diagonal, so the group's update is still two
+matmuls. Otherwise each layer is a group of its own and a forward hook adds its update. The updates are computed in
+fp32, as peft does. Adapters that are not plain LoRA (DoRA, modules_to_save, alpha patterns, other methods) are
+left to peft (engine.py decides with `plain_lora`).
 """
 
 from __future__ import annotations
@@ -42,55 +45,73 @@ def _linear(module) -> bool:
     return isinstance(module, torch.nn.Module) and hasattr(module, "in_features") and hasattr(module, "out_features")
 
 
-class _Layer:
-    """One base linear layer's adapters, stacked: A [slots, in, r] and B [slots, r, out] (B already multiplied by
-    the slot's scaling), and the same concatenated along the rank, A_cat [in, slots*r] and B_cat [slots*r, out], for
-    batches that mix adapters. Slot 0 is the base (zeros)."""
+class _Group:
+    """The adapters of layers that read one input: A [slots, in, members*rank] (each member's A in its own `rank`
+    columns) and B [slots, members*rank, sum of outs] (block-diagonal, already multiplied by the slot's scaling), and
+    for batches that mix adapters the same of the slots in the batch concatenated along the rank (`cat`). Slot 0 is
+    the base (zeros)."""
 
-    def __init__(self, module, rank: int, dtype: torch.dtype) -> None:
-        self.module, self.dtype = module, dtype
-        self.A = torch.zeros((1, module.in_features, rank), dtype=dtype)
-        self.B = torch.zeros((1, rank, module.out_features), dtype=dtype)
+    def __init__(self, modules: list, dtype: torch.dtype) -> None:
+        self.dtype, self.inputs = dtype, modules[0].in_features
+        self.outs = [m.out_features for m in modules]
+        self.starts = [sum(self.outs[:i]) for i in range(len(self.outs))]
+        self.A4 = torch.zeros((1, self.inputs, len(modules), 0), dtype=dtype)  # [slots, in, members, rank]
+        self.B4 = torch.zeros((1, len(modules), 0, sum(self.outs)), dtype=dtype)  # [slots, members, rank, out]
         self._concat()
 
-    def put(self, slot: int, A: torch.Tensor, B: torch.Tensor) -> None:
-        """A [in, r], B [r, out] (scaled) into `slot`, growing the stacks to fit."""
-        slots, rank = max(slot + 1, self.A.shape[0]), max(A.shape[1], self.A.shape[2])
-        if (slots, rank) != (self.A.shape[0], self.A.shape[2]):
-            grownA = torch.zeros((slots, self.A.shape[1], rank), dtype=self.dtype)
-            grownB = torch.zeros((slots, rank, self.B.shape[2]), dtype=self.dtype)
-            grownA[: self.A.shape[0], :, : self.A.shape[2]] = self.A
-            grownB[: self.B.shape[0], : self.B.shape[1]] = self.B
-            self.A, self.B = grownA, grownB
-        self.A[slot].zero_()
-        self.B[slot].zero_()
-        self.A[slot, :, : A.shape[1]] = A.to(self.dtype)
-        self.B[slot, : B.shape[0]] = B.to(self.dtype)
+    def put(self, slot: int, member: int, A: torch.Tensor, B: torch.Tensor) -> None:
+        """A [in, r], B [r, out] (scaled) of one member layer into `slot`, growing the stacks to fit."""
+        slots, members, rank = max(slot + 1, self.A4.shape[0]), self.A4.shape[2], max(A.shape[1], self.A4.shape[3])
+        if (slots, rank) != (self.A4.shape[0], self.A4.shape[3]):
+            A4 = torch.zeros((slots, self.inputs, members, rank), dtype=self.dtype)
+            B4 = torch.zeros((slots, members, rank, self.B4.shape[3]), dtype=self.dtype)
+            A4[: self.A4.shape[0], :, :, : self.A4.shape[3]] = self.A4
+            B4[: self.B4.shape[0], :, : self.B4.shape[2]] = self.B4
+            self.A4, self.B4 = A4, B4
+        start = self.starts[member]
+        self.A4[slot, :, member, : A.shape[1]] = A.to(self.dtype)
+        self.B4[slot, member, : B.shape[0], start: start + B.shape[1]] = B.to(self.dtype)
         self._concat()
 
     def clear(self, slot: int) -> None:
-        if slot < self.A.shape[0]:
-            self.A[slot].zero_()
-            self.B[slot].zero_()
+        if slot < self.A4.shape[0]:
+            self.A4[slot].zero_()
+            self.B4[slot].zero_()
             self._concat()
 
     def _concat(self) -> None:
-        slots, inputs, rank = self.A.shape
-        self.A_cat = self.A.permute(1, 0, 2).reshape(inputs, slots * rank).contiguous()
-        self.B_cat = self.B.reshape(slots * rank, -1).contiguous()
+        slots, inputs, members, rank = self.A4.shape
+        self.width = members * rank  # columns per slot
+        self.A = self.A4.reshape(slots, inputs, self.width)
+        self.B = self.B4.reshape(slots, self.width, self.B4.shape[3])
+        self.pairs = [(self.A[i], self.B[i]) for i in range(slots)]  # views, indexed once
+        self._cats: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cat(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A_cat [in, len(slots)*width] and B_cat [len(slots)*width, out] of these slots, side by side."""
+        if slots not in self._cats:
+            if len(self._cats) >= 16:
+                self._cats.clear()
+            index = torch.tensor(slots)
+            self._cats[slots] = (self.A[index].permute(1, 0, 2).reshape(self.inputs, -1).contiguous(),
+                                 self.B[index].reshape(-1, self.B.shape[2]).contiguous())
+        return self._cats[slots]
 
 
 class LoraBank:
-    def __init__(self, model, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model, dtype: torch.dtype = torch.float32, groups: list[tuple[str, ...]] | None = None) -> None:
         """dtype: what the updates are computed in: fp32 by default, as peft does (on CPUs without native bf16,
-        small bf16 matmuls are also slower than fp32 ones)."""
+        small bf16 matmuls are also slower than fp32 ones). groups: module names whose outputs the caller computes
+        as one matmul and asks `apply` for together; without groups every layer gets a forward hook."""
         self.model, self.dtype = model, dtype
-        self.layers: dict[str, _Layer] = {}
+        self.hooked = groups is None
+        self.member = {name: (tuple(g), i) for g in (groups or []) for i, name in enumerate(g)}
+        self.groups: dict[tuple[str, ...], _Group] = {}
         self.slots: dict[str, int] = {}  # adapter name -> slot (0 = the base)
         self.free: list[int] = []
         self._rows: torch.Tensor | None = None  # the slot of each batch row during a forward
         self._masks: dict = {}
-        self._active, self._single = False, None
+        self._present, self._single = (), None
         self._hooks = []
 
     def add(self, name: str, adapter_dir: str) -> None:
@@ -106,31 +127,36 @@ class LoraBank:
             module = stem[len(PREFIX):] if stem.startswith(PREFIX) else stem
             if kind not in ("A.weight", "B.weight") or not _linear(modules.get(module)):
                 raise ValueError(f"{key}: not a LoRA matrix of a linear layer of this model")
+            if not self.hooked and module not in self.member:
+                raise ValueError(f"{key}: a layer this decoder does not adapt")
             pairs.setdefault(module, {})[kind[0]] = tensor
         slot = self.free.pop(0) if self.free else len(self.slots) + 1
         for module, ab in pairs.items():
             A, B = ab["A"].float(), ab["B"].float()  # [r, in], [out, r]
             rank = A.shape[0]
             scale = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
-            layer = self.layers.get(module)
-            if layer is None:
-                layer = self.layers[module] = _Layer(modules[module], rank, self.dtype)
-                self._hooks.append(modules[module].register_forward_hook(self._hook(layer)))
-            layer.put(slot, A.T, B.T * scale)
+            key, member = self.member.get(module, ((module,), 0))
+            group = self.groups.get(key)
+            if group is None:
+                group = self.groups[key] = _Group([modules[m] for m in key], self.dtype)
+                if self.hooked:
+                    self._hooks.append(modules[module].register_forward_hook(self._hook(key)))
+            group.put(slot, member, A.T, B.T * scale)
         self.slots[name] = slot
 
     def remove(self, name: str) -> None:
         slot = self.slots.pop(name)
-        for layer in self.layers.values():
-            layer.clear(slot)
+        for group in self.groups.values():
+            group.clear(slot)
         self.free.append(slot)
 
     @contextlib.contextmanager
     def rows(self, adapters: list[str | None]):
         """Within: forwards of the base model add, to batch row i, adapters[i]'s update (None: none)."""
         slots = [self.slots[a] if a else 0 for a in adapters]
+        # decided once per forward, not in each of the ~200 layers
         self._rows = torch.tensor(slots)
-        self._active = any(slots)  # decided once per forward, not in each of the ~200 hooks
+        self._present = tuple(sorted(set(slots) - {0}))
         self._single = slots[0] if len(set(slots)) == 1 else None
         self._masks = {}
         try:
@@ -138,28 +164,43 @@ class LoraBank:
         finally:
             self._rows = None
 
-    def _mask(self, slots: int, rank: int, tokens: int) -> torch.Tensor:
-        """[rows*tokens, slots*rank]: 1 on the columns of each row's own slot."""
-        key = (slots, rank, tokens)
+    def _mask(self, slots: tuple[int, ...], width: int, tokens: int) -> torch.Tensor:
+        """[rows*tokens, len(slots)*width]: 1 on the columns of each row's own slot."""
+        key = (slots, width, tokens)
         if key not in self._masks:
-            rows = torch.where(self._rows < slots, self._rows, torch.zeros_like(self._rows))
-            onehot = torch.nn.functional.one_hot(rows, slots).to(self.dtype)  # [rows, slots]
-            self._masks[key] = onehot.repeat_interleave(rank, dim=1).repeat_interleave(tokens, dim=0)
+            onehot = (self._rows[:, None] == torch.tensor(slots)[None]).to(self.dtype)  # [rows, slots]
+            self._masks[key] = onehot.repeat_interleave(width, dim=1).repeat_interleave(tokens, dim=0)
         return self._masks[key]
 
-    def _hook(self, layer: _Layer):
+    def apply(self, key: tuple[str, ...], flat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out [rows*tokens, outs] (the group's base output for inputs flat [rows*tokens, in], rows as in `rows`)
+        plus each row's adapter update."""
+        group = self.groups.get(key) if self._present else None
+        if group is None:
+            return out
+        x = flat.to(self.dtype)
+        slot = self._single
+        if slot is not None:  # one adapter for the whole batch
+            if slot >= len(group.pairs):
+                return out
+            A, B = group.pairs[slot]
+            t = x @ A
+        else:
+            slots = tuple(s for s in self._present if s < group.A.shape[0])
+            if not slots:
+                return out
+            A, B = group.cat(slots)
+            t = (x @ A) * self._mask(slots, group.width, x.shape[0] // len(self._rows))
+        if out.dtype == self.dtype:
+            return torch.addmm(out, t, B)
+        return out + (t @ B).to(out.dtype)
+
+    def _hook(self, key: tuple[str, ...]):
         def add_update(module, args, output):
-            if self._rows is None or not self._active:
+            if self._rows is None:
                 return output
             x = args[0]
-            shape = output.shape
-            flat = x.reshape(-1, x.shape[-1]).to(self.dtype)
-            slot = self._single
-            if slot is not None and slot < layer.A.shape[0]:  # one adapter for the whole batch
-                delta = (flat @ layer.A[slot]) @ layer.B[slot]
-            else:
-                slots, _, rank = layer.A.shape
-                delta = ((flat @ layer.A_cat) * self._mask(slots, rank, flat.shape[0] // len(self._rows))) @ layer.B_cat
-            return output + delta.view(shape).to(output.dtype)
+            flat = self.apply(key, x.reshape(-1, x.shape[-1]), output.reshape(-1, output.shape[-1]))
+            return flat.view(output.shape)
 
         return add_update

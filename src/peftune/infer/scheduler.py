@@ -1,10 +1,11 @@
 """Continuous batching: one worker thread decodes every running request a token per step, sharing forward passes.
 
 A request is prefilled alone (so its prompt is computed exactly as in a single stream), then joins a cohort: rows
-that can share one forward. Rows of different LoRA adapters share a cohort through peft's `adapter_names`
-(each row's own adapter in every layer); adapters that cannot mix, and virtual-token adapters, get a cohort of
-their own. A cohort's KV cache is one left-padded `DynamicCache` with an attention mask and explicit positions per
-row; finished or cancelled rows leave it at once (`batch_select_indices`), and new rows join between steps.
+that can share one forward. Rows of different plain LoRA adapters share a cohort through the LoRA bank (each row's
+own adapter in every layer); adapters on peft's own layers, and virtual-token adapters, get a cohort of their own.
+A cohort's keys and values are left-padded, with an attention mask and explicit positions per row (fast.KV for the
+lean decoder, DynamicKV below for transformers' forward); finished or cancelled rows leave it at once, and new rows
+join between steps.
 
 Written here because neither transformers' `generate` (one batch, one set of settings, rows join only at the
 start) nor its continuous-batching manager (no per-row peft adapters) serves many adapters per request.
@@ -56,8 +57,15 @@ class Row:
 class Cohort:
     key: str
     rows: list[Row] = field(default_factory=list)
-    cache: object = None  # DynamicCache
-    mask: torch.Tensor | None = None  # [rows, cache length] (1 = a real key)
+    state: object = None  # the rows' keys and values: a DynamicKV, or fast.KV (same methods)
+
+    def add(self, row: Row, state) -> None:
+        self.state = state if self.state is None else self.state.merge(state)
+        self.rows.append(row)
+
+    def keep(self, indices: list[int]) -> None:
+        self.rows = [self.rows[i] for i in indices]
+        self.state = self.state.keep(indices)
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -69,41 +77,45 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
 
 
-def merge(cohort: Cohort, cache, mask: torch.Tensor) -> None:
-    """Appends one prefilled row (its cache and mask) to a cohort, padding the shorter side on the left."""
-    from transformers import DynamicCache
+class DynamicKV:
+    """transformers' DynamicCache of a cohort with its attention mask [rows, length] (1 = a real key), rows
+    left-padded: the state of models that run through transformers' own forward."""
 
-    if cohort.cache is None:
-        cohort.cache, cohort.mask = cache, mask
-        return
-    width = max(cohort.mask.shape[1], mask.shape[1])
-    layers = [(torch.cat([_pad_left(k1, width, 2), _pad_left(k2, width, 2)]),
-               torch.cat([_pad_left(v1, width, 2), _pad_left(v2, width, 2)]))
-              for (k1, v1, *_), (k2, v2, *_) in zip(cohort.cache, cache)]
-    cohort.cache = DynamicCache(ddp_cache_data=layers)
-    cohort.mask = torch.cat([_pad_left(cohort.mask, width, 1), _pad_left(mask, width, 1)])
+    def __init__(self, cache, mask: torch.Tensor) -> None:
+        self.cache, self.mask = cache, mask
 
+    def merge(self, other: "DynamicKV") -> "DynamicKV":
+        from transformers import DynamicCache
 
-def drop_rows(cohort: Cohort, keep: list[int]) -> None:
-    """Keeps the rows at `keep`; trims key columns that no remaining row attends to."""
-    from transformers import DynamicCache
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        layers = [(torch.cat([_pad_left(k1, width, 2), _pad_left(k2, width, 2)]),
+                   torch.cat([_pad_left(v1, width, 2), _pad_left(v2, width, 2)]))
+                  for (k1, v1, *_), (k2, v2, *_) in zip(self.cache, other.cache)]
+        return DynamicKV(DynamicCache(ddp_cache_data=layers),
+                         torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)]))
 
-    index = torch.tensor(keep, dtype=torch.long)
-    cohort.rows = [cohort.rows[i] for i in keep]
-    if not keep:
-        cohort.cache = cohort.mask = None
-        return
-    mask = cohort.mask[index]
-    used = mask.any(dim=0).nonzero()
-    start = int(used[0]) if len(used) else 0
-    cohort.mask = mask[:, start:]
-    cohort.cache = DynamicCache(ddp_cache_data=[(k[index, :, start:], v[index, :, start:])
-                                                for k, v, *_ in cohort.cache])
+    def keep(self, rows: list[int]) -> "DynamicKV | None":
+        """Only these rows; key columns that no remaining row attends to are trimmed."""
+        from transformers import DynamicCache
+
+        if not rows:
+            return None
+        index = torch.tensor(rows, dtype=torch.long)
+        mask = self.mask[index]
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        return DynamicKV(DynamicCache(ddp_cache_data=[(k[index, :, start:], v[index, :, start:])
+                                                      for k, v, *_ in self.cache]), mask[:, start:])
+
+    def extend(self) -> torch.Tensor:
+        """The mask with a column for the token about to be fed in."""
+        self.mask = torch.cat([self.mask, torch.ones((self.mask.shape[0], 1), dtype=self.mask.dtype)], dim=1)
+        return self.mask
 
 
 class Scheduler:
-    """The worker thread. `backend` is the engine's model side: cohort_key(adapter), prefill(request) -> (cache,
-    mask, logits, next position), decode(cohort, input_ids, positions) -> logits, and the tokenizer."""
+    """The worker thread. `backend` is the engine's model side: cohort_key(adapter), prefill(request) -> (state,
+    logits, next position), decode(cohort, input_ids, positions) -> logits, and the tokenizer."""
 
     def __init__(self, backend, max_batch: int = 8, max_queue: int = 64) -> None:
         self.backend, self.max_batch = backend, max_batch
@@ -162,22 +174,19 @@ class Scheduler:
     @torch.inference_mode()
     def _prefill(self, req: Request) -> None:
         started = time.perf_counter()
-        cache, mask, logits, position = self.backend.prefill(req)
+        state, logits, position = self.backend.prefill(req)
         row = Row(req, RowSampler(req.params, req.prompt_ids), TextStream(self.backend.tokenizer, req.params.stop),
                   position, last=-1)
         req.timing = {"prefill_s": time.perf_counter() - started}
         if self._advance(row, logits):
             return
         key = self.backend.cohort_key(req.adapter)
-        cohort = self.cohorts.setdefault(key, Cohort(key))
-        merge(cohort, cache, mask)
-        cohort.rows.append(row)
+        self.cohorts.setdefault(key, Cohort(key)).add(row, state)
 
     @torch.inference_mode()
     def _step(self, cohort: Cohort) -> None:
         ids = torch.tensor([[r.last] for r in cohort.rows])
         positions = torch.tensor([[r.position] for r in cohort.rows])
-        cohort.mask = torch.cat([cohort.mask, torch.ones((len(cohort.rows), 1), dtype=cohort.mask.dtype)], dim=1)
         logits = self.backend.decode(cohort, ids, positions)
         keep = []
         for i, row in enumerate(cohort.rows):
@@ -185,7 +194,7 @@ class Scheduler:
             if not self._advance(row, logits[i]):
                 keep.append(i)
         if len(keep) < len(cohort.rows):
-            drop_rows(cohort, keep)
+            cohort.keep(keep)
 
     def _advance(self, row: Row, logits: torch.Tensor) -> bool:
         """Samples the row's next token and streams its text; True when the row is done (and was finished)."""

@@ -1,0 +1,122 @@
+"""The lean decoder (fast.py) computes what transformers + peft compute: each row of a left-padded cohort, rows of
+different adapters and of the base mixed, rows joining and leaving, for LLaMA (grouped-query attention) and Qwen2
+(biased q/k/v projections)."""
+
+import pytest
+import torch
+
+from peftune.infer.fast import FastDecoder, unsupported
+from peftune.infer.lora import LoraBank
+
+
+def _model(arch: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False)).eval()
+
+
+def _adapter(model, path, seed: int, targets, rank: int):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.3)
+    peft.save_pretrained(path)
+    return peft.unload()  # the base model back, without adapter layers
+
+
+def _reference(base_dir, adapters: dict, name, ids: list[int]) -> torch.Tensor:
+    """Logits of every position of ids, from transformers (with peft's adapter when name is set)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    if name:
+        model = PeftModel.from_pretrained(model, adapters[name]).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_lean_decoder_computes_what_transformers_and_peft_compute(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _model(arch)
+    # adapters of different ranks on different layers: one everywhere, one on q/v and the MLP's up projection
+    model = _adapter(model, tmp_path / "a", 1, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"], 4)
+    model = _adapter(model, tmp_path / "b", 2, ["q_proj", "v_proj", "up_proj"], 8)
+    model.save_pretrained(tmp_path / "base")
+    adapters = {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}
+
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    decoder = FastDecoder.build(served)
+    assert decoder is not None
+    bank = LoraBank(served, groups=decoder.groups())
+    decoder.bank = bank
+    for name, path in adapters.items():
+        bank.add(name, path)
+
+    g = torch.Generator().manual_seed(3)
+    prompts = {"a": torch.randint(0, 300, (7,), generator=g).tolist(), None: torch.randint(0, 300, (3,), generator=g)
+               .tolist(), "b": torch.randint(0, 300, (11,), generator=g).tolist()}
+    names = list(prompts)
+    sequences = {n: list(p) for n, p in prompts.items()}
+    with torch.no_grad():
+        state = None
+        for name in names:  # each prefilled alone, then merged into one left-padded cohort
+            with bank.rows([name]):
+                kv, logits = decoder.prefill(torch.tensor([prompts[name]]))
+            expected = _reference(tmp_path / "base", adapters, name, prompts[name])[-1]
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+            state = kv if state is None else state.merge(kv)
+        for step in range(6):
+            if step == 3:  # the longest row leaves (its padding columns go); the others go on
+                names.remove("b")
+                state = state.keep([0, 1])
+                assert state.length == len(sequences["a"])
+            ids = [int(torch.randint(0, 300, (1,), generator=g)) for _ in names]
+            for name, token in zip(names, ids):
+                sequences[name].append(token)
+            with bank.rows(names):
+                logits = decoder.step(state, torch.tensor(ids)[:, None],
+                                      torch.tensor([[len(sequences[n]) - 1] for n in names]))
+            for row, name in enumerate(names):
+                expected = _reference(tmp_path / "base", adapters, name, sequences[name])[-1]
+                torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4, msg=f"step {step} row {row} {name}")
+
+
+def test_models_it_cannot_run_are_left_to_transformers():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=16)
+    assert unsupported(MistralForCausalLM(config)) == "sliding-window attention"
+    assert unsupported(_model("llama")) is None
+
+
+def test_int8_weights_and_the_fused_views_leave_transformers_forward_unchanged():
+    """int8 weights (quant.py) run the same in both; after fusing, the model's own layers see views of the fused
+    weights, so transformers' forward (used for what the lean decoder does not run) is unchanged."""
+    from peftune.infer.quant import quantize_int8
+
+    model = _model("qwen2")
+    quantize_int8(model)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits[0, -1]
+        decoder = FastDecoder(model)
+        _, logits = decoder.prefill(ids)
+        after = model(input_ids=ids).logits[0, -1]
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    torch.testing.assert_close(logits, before, atol=1e-3, rtol=1e-3)
+    assert model.model.layers[0].self_attn.k_proj.weight.data_ptr() == \
+        decoder.blocks[0].qkv.weight[64:].data_ptr()  # a view, not a copy
