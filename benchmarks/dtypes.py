@@ -19,11 +19,11 @@ QUESTIONS = ["What is the capital of France?", "Who wrote Romeo and Juliet?", "G
 
 def load(dtype: str):
     from peftune import models
-    from peftune.infer.quant import quantize_int8
+    from peftune.infer.quant import quantize
 
     model = models.load_model("smollm2-135m-instruct", dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
     if dtype == "int8":
-        quantize_int8(model)
+        quantize(model, "int8")
     return model.eval()
 
 

@@ -13,7 +13,7 @@ def _model(arch: str):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256)
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True)).eval()
@@ -103,13 +103,14 @@ def test_models_it_cannot_run_are_left_to_transformers():
     assert unsupported(_model("llama")) is None
 
 
-def test_int8_weights_and_the_fused_views_leave_transformers_forward_unchanged():
-    """int8 weights (quant.py) run the same in both; after fusing, the model's own layers see views of the fused
-    weights, so transformers' forward (used for what the lean decoder does not run) is unchanged."""
-    from peftune.infer.quant import quantize_int8
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_weights_and_the_fused_views_leave_transformers_forward_unchanged(mode):
+    """Quantized weights (quant.py) run the same in both; after fusing, the model's own layers see views of the
+    fused weights, so transformers' forward (used for what the lean decoder does not run) is unchanged."""
+    from peftune.infer.quant import quantize
 
     model = _model("qwen2")
-    quantize_int8(model)
+    assert quantize(model, mode)[mode] == 2 * 7 + 1
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     with torch.no_grad():
         before = model(input_ids=ids).logits[0, -1]
@@ -120,3 +121,25 @@ def test_int8_weights_and_the_fused_views_leave_transformers_forward_unchanged()
     torch.testing.assert_close(logits, before, atol=1e-3, rtol=1e-3)
     assert model.model.layers[0].self_attn.k_proj.weight.data_ptr() == \
         decoder.blocks[0].qkv.weight[64:].data_ptr()  # a view, not a copy
+
+
+def test_weights_that_already_are_4_bit_stay_4_bit_and_others_become_int8():
+    """As the embedded model's (a Q4_1 GGUF: blocks of 32 weights d*q + m): `auto` keeps them at 4 bits, computing
+    what the 4-bit blocks compute; weights of any other origin become int8."""
+    from peftune.infer.quant import Int4Linear, Int8Linear, quantize
+
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (48, 4, 32)).float()
+    q[..., 0], q[..., 1] = 0, 15  # as llama.cpp's Q4_1 quantizer: each block spans its 16 levels
+    d, m = torch.rand(48, 4, 1) * 0.01 + 0.001, torch.randn(48, 4, 1) * 0.05
+    four_bit = torch.nn.Linear(128, 48, bias=False)
+    four_bit.weight.data = (d * q + m).reshape(48, 128)
+    model = torch.nn.Sequential(four_bit, torch.nn.Linear(48, 64, bias=True))
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        exact = model(x)
+        assert quantize(model, "auto") == {"int8": 1, "int4": 1}
+        assert isinstance(model[0], Int4Linear) and isinstance(model[1], Int8Linear)
+        # 4-bit layer: only bf16 rounding (of its inputs, scales and zero points) away from the exact product
+        torch.testing.assert_close(model[0](x), x @ four_bit.weight.T, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(model(x), exact, atol=5e-2, rtol=5e-2)

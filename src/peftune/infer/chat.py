@@ -110,7 +110,8 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling when temperature > 0 (default 0.9)")
     p.add_argument("--repetition_penalty", type=float, default=1.1, help="> 1 discourages repeats (default 1.1)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16", "int8"),
-                   help="weights for answering: auto (default: int8 weights on a CPU for LoRA adapters, else fp32; "
-                   "bf16 on a GPU), fp32, bf16, fp16, int8 (weight-only; the same as `peftune serve`)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16", "int8", "int4"),
+                   help="weights for answering (the same as `peftune serve`): auto (default: on a CPU for LoRA "
+                   "adapters int8, and 4-bit where the base's weights already are 4-bit, as the embedded model's; else "
+                   "fp32; bf16 on a GPU), fp32, bf16, fp16, int8, int4 (weight-only, groups of 32)")
     p.add_argument("--trust_remote_code", action="store_true", help="run model code shipped with a hub model")

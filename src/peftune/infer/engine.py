@@ -26,13 +26,14 @@ from ..data.sources import system_prompt
 from ..errors import PeftuneError
 from .fast import FastDecoder
 from .lora import LoraBank, plain_lora
-from .quant import quantize_int8
+from . import quant
 from .sampling import SamplingParams
 from .scheduler import DynamicKV, QueueFull, Request, Scheduler  # noqa: F401  (QueueFull: for the server)
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-# int8: int8 weights (bf16 activations into their matmuls), everything else in fp32
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+# int8/int4: quantized weights (bf16 activations into their matmuls), everything else in fp32
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32,
+          "int4": torch.float32}
 
 
 def _close(ref) -> None:
@@ -41,14 +42,14 @@ def _close(ref) -> None:
         engine.close()
 
 
-def resolve_dtype(dtype: str, int8_ok: bool) -> str:
-    """`auto`: bf16 on a GPU; on a CPU int8 weights (half of bf16's bytes per decoded token; validation loss of the
-    embedded model 2.360 vs fp32's 2.375) when the adapters run through the LoRA bank, else fp32."""
+def resolve_dtype(dtype: str, quantized_ok: bool) -> str:
+    """`auto`: bf16 on a GPU; on a CPU quantized weights when the adapters run through the LoRA bank (int8, with the
+    layers whose weights already are 4-bit kept at 4 bits: quant.py), else fp32."""
     if dtype != "auto":
         return dtype
     if torch.cuda.is_available():
         return "bf16"
-    return "int8" if int8_ok else "fp32"
+    return "auto-quantized" if quantized_ok else "fp32"
 
 
 class PromptTooLong(PeftuneError):
@@ -90,7 +91,8 @@ class Engine:
         dtype = resolve_dtype(dtype, self.bank_ok and not any((quantize or {}).values()))
         self.tokenizer = models.load_tokenizer(base_model, trust_remote_code)
         self.tokenizer_lock = threading.Lock()  # fast tokenizers refuse use from two threads at once
-        model = models.load_model(base_model, trust_remote_code, dtype=DTYPES[dtype], **(quantize or {}))
+        model = models.load_model(base_model, trust_remote_code, dtype=DTYPES.get(dtype, torch.float32),
+                                  **(quantize or {}))
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         ids = model.generation_config.eos_token_id
         self.eos_ids = {i for i in (ids if isinstance(ids, list) else [ids]) if i is not None}
@@ -98,12 +100,13 @@ class Engine:
         self.model = model.eval()
         self.base = Served(base_name or base_model, None, self._renderer({}))
         self.served: dict[str, Served] = {}
-        self.dtype = dtype
-        if dtype == "int8":
+        self.weights = dtype  # what the weights are, in words (for logs and benchmarks)
+        if dtype in ("int8", "int4", "auto-quantized"):
             if not self.bank_ok:
-                raise PeftuneError("--dtype int8 serves plain LoRA adapters (through peftune's own LoRA layers); "
+                raise PeftuneError(f"--dtype {dtype} serves plain LoRA adapters (through peftune's own LoRA layers); "
                                    "these adapters need peft's layers: use --dtype bf16 or fp32")
-            quantize_int8(self.model)
+            counts = quant.quantize(self.model, "auto" if dtype == "auto-quantized" else dtype)
+            self.weights = ", ".join(f"{kind} ({n} layers)" for kind, n in counts.items() if n)
         # plain LoRA adapters (the default, and most of what is trained) run through the LoRA bank (lora.py), on
         # the lean decoder (fast.py) when the model is LLaMA-like; any other kind of adapter makes the whole engine
         # use peft's own adapter layers

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quant import Int8Linear
+from .quant import GROUP, Int4Linear, Int8Linear
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 
@@ -44,26 +44,29 @@ def unsupported(model) -> str | None:
     for layer in inner.layers:
         for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-            if type(module) not in (torch.nn.Linear, Int8Linear):  # peft's layers, bitsandbytes' 4/8-bit layers
+            if type(module) not in (torch.nn.Linear, Int8Linear, Int4Linear):  # not peft's or bitsandbytes' layers
                 return f"{type(module).__name__} layers"
-    if type(model.lm_head) not in (torch.nn.Linear, Int8Linear):
+    if type(model.lm_head) not in (torch.nn.Linear, Int8Linear, Int4Linear):
         return f"a {type(model.lm_head).__name__} output layer"
     return None
 
 
 class _Linear:
-    """One matmul on a 2-D input: a float weight (with its bias), or quant.Int8Linear's int8 weight and scales."""
+    """One matmul on a 2-D input: a float weight (with its bias), or quant.py's int8 or 4-bit weights and scales."""
 
     def __init__(self, modules: list) -> None:
         first = modules[0]
-        self.int8 = isinstance(first, Int8Linear)
-        if self.int8:
-            self.weight = _fuse(modules, "weight", buffer=True)
-            self.scales = _fuse(modules, "scales", buffer=True)
-        else:
+        self.kind = "int8" if isinstance(first, Int8Linear) else "int4" if isinstance(first, Int4Linear) else "float"
+        if any(type(m) is not type(first) for m in modules):
+            self.kind = "mixed"  # layers quantized differently: each its own matmul
+            self.parts = modules
+        elif self.kind == "float":
             self.weight = _fuse(modules, "weight")
+        else:
+            self.weight = _fuse(modules, "weight", buffer=True)
+            self.scales = _fuse(modules, "scales", buffer=True, dim=1 if self.kind == "int4" else 0)
         biases = [m.bias for m in modules]
-        if all(b is None for b in biases):
+        if self.kind == "mixed" or all(b is None for b in biases):
             self.bias = None
         else:
             dtype = first.bias.dtype if first.bias is not None else torch.float32
@@ -71,20 +74,29 @@ class _Linear:
                                    for b, m in zip(biases, modules)])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8:  # the kernel takes activations in the scales' dtype (bf16); the rest stays in x's
-            out = torch.ops.aten._weight_int8pack_mm(x.to(self.scales.dtype).contiguous(), self.weight, self.scales)
-            out = out.to(x.dtype)
-            return out if self.bias is None else out + self.bias
-        return F.linear(x, self.weight, self.bias)
+        # the quantized kernels take bf16 activations; the rest stays in x's dtype
+        if self.kind == "int8":
+            out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.weight, self.scales)
+        elif self.kind == "int4":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.weight, GROUP,
+                                                               self.scales)
+        elif self.kind == "mixed":
+            return torch.cat([m(x) for m in self.parts], dim=-1)
+        else:
+            return F.linear(x, self.weight, self.bias)
+        out = out.to(x.dtype)
+        return out if self.bias is None else out + self.bias
 
 
-def _fuse(modules: list, attr: str, buffer: bool = False) -> torch.Tensor:
-    """The modules' tensors `attr` concatenated along the outputs; each module's own becomes a view of it, so the
-    model (still used for prompts that need transformers' forward) and this decoder share one copy."""
+def _fuse(modules: list, attr: str, buffer: bool = False, dim: int = 0) -> torch.Tensor:
+    """The modules' tensors `attr` concatenated along the outputs (dimension `dim`); each module's own becomes a
+    view of it, so the model (still used for what this decoder does not run) and this decoder share one copy."""
     parts = [getattr(m, attr).detach() for m in modules]
     if len(parts) == 1:
         return parts[0]
-    fused = torch.cat(parts)
+    fused = torch.cat(parts, dim=dim)
+    if dim != 0:  # a view would not be contiguous (int4 scales: small, so each layer keeps its own)
+        return fused
     start = 0
     for module, part in zip(modules, parts):
         view = fused[start: start + part.shape[0]]

@@ -87,14 +87,19 @@ class _Group:
         self.pairs = [(self.A[i], self.B[i]) for i in range(slots)]  # views, indexed once
         self._cats: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def cat(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A_cat [in, len(slots)*width] and B_cat [len(slots)*width, out] of these slots, side by side."""
+    def cat(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """For a batch mixing these slots: A_cat [in, members*len(slots)*rank] (member-major: each member's A of
+        every slot side by side) and each member's B_cat [len(slots)*rank, its outs]; without the zeros of the
+        block-diagonal B, which cost as much as the rest in a mixed batch."""
         if slots not in self._cats:
             if len(self._cats) >= 16:
                 self._cats.clear()
             index = torch.tensor(slots)
-            self._cats[slots] = (self.A[index].permute(1, 0, 2).reshape(self.inputs, -1).contiguous(),
-                                 self.B[index].reshape(-1, self.B.shape[2]).contiguous())
+            A4 = self.A4[index]  # [slots, in, members, rank]
+            A = A4.permute(1, 2, 0, 3).reshape(self.inputs, -1).contiguous()
+            Bs = [self.B4[index, m, :, start: start + out].reshape(-1, out).contiguous()
+                  for m, (start, out) in enumerate(zip(self.starts, self.outs))]
+            self._cats[slots] = (A, Bs)
         return self._cats[slots]
 
 
@@ -164,12 +169,13 @@ class LoraBank:
         finally:
             self._rows = None
 
-    def _mask(self, slots: tuple[int, ...], width: int, tokens: int) -> torch.Tensor:
-        """[rows*tokens, len(slots)*width]: 1 on the columns of each row's own slot."""
-        key = (slots, width, tokens)
+    def _mask(self, slots: tuple[int, ...], group: _Group, tokens: int) -> torch.Tensor:
+        """[rows*tokens, members*len(slots)*rank] (as `_Group.cat`): 1 on the columns of each row's own slot."""
+        members, rank = group.A4.shape[2], group.A4.shape[3]
+        key = (slots, members, rank, tokens)
         if key not in self._masks:
             onehot = (self._rows[:, None] == torch.tensor(slots)[None]).to(self.dtype)  # [rows, slots]
-            self._masks[key] = onehot.repeat_interleave(width, dim=1).repeat_interleave(tokens, dim=0)
+            self._masks[key] = onehot.repeat_interleave(rank, dim=1).repeat(1, members).repeat_interleave(tokens, 0)
         return self._masks[key]
 
     def apply(self, key: tuple[str, ...], flat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -185,15 +191,22 @@ class LoraBank:
                 return out
             A, B = group.pairs[slot]
             t = x @ A
-        else:
-            slots = tuple(s for s in self._present if s < group.A.shape[0])
-            if not slots:
-                return out
-            A, B = group.cat(slots)
-            t = (x @ A) * self._mask(slots, group.width, x.shape[0] // len(self._rows))
-        if out.dtype == self.dtype:
-            return torch.addmm(out, t, B)
-        return out + (t @ B).to(out.dtype)
+            if out.dtype == self.dtype:
+                return torch.addmm(out, t, B)
+            return out + (t @ B).to(out.dtype)
+        slots = tuple(s for s in self._present if s < group.A.shape[0])
+        if not slots:
+            return out
+        A, Bs = group.cat(slots)
+        t = (x @ A) * self._mask(slots, group, x.shape[0] // len(self._rows))
+        if len(Bs) == 1 and out.dtype == self.dtype:
+            return torch.addmm(out, t, Bs[0])
+        result = out if out.dtype == self.dtype else out.to(self.dtype)
+        width = t.shape[1] // len(Bs)
+        for m, B in enumerate(Bs):
+            start = group.starts[m]
+            result[:, start: start + B.shape[1]].addmm_(t[:, m * width: (m + 1) * width], B)
+        return result.to(out.dtype)
 
     def _hook(self, key: tuple[str, ...]):
         def add_update(module, args, output):

@@ -19,9 +19,10 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api_key", default=os.environ.get("PEFTUNE_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1 (default: $PEFTUNE_API_KEY; none = open)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16", "int8"),
-                   help="weights: auto (default: int8 weight-only on a CPU when the adapters are plain LoRA, else fp32; "
-                   "bf16 on a GPU), fp32, bf16, fp16, int8")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16", "int8", "int4"),
+                   help="weights: auto (default: on a CPU when the adapters are plain LoRA int8 weight-only, and 4-bit "
+                   "where the base's weights already are 4-bit, as the embedded model's; else fp32; bf16 on a GPU), "
+                   "fp32, bf16, fp16, int8, int4 (groups of 32)")
     p.add_argument("--max_batch", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max_queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
     p.add_argument("--max_tokens", type=int, default=512, help="answer length when a chat request gives none")
@@ -74,8 +75,8 @@ def run(args) -> int:
     import uvicorn
 
     names = ", ".join([engine.base.name, *engine.served])
-    print(f"peftune serve: http://{args.host}:{args.port}/ (chat page), OpenAI API at /v1; models: {names}"
-          + ("; API key required" if args.api_key else ""), file=sys.stderr, flush=True)
+    print(f"peftune serve: http://{args.host}:{args.port}/ (chat page), OpenAI API at /v1; models: {names}; "
+          f"weights: {engine.weights}" + ("; API key required" if args.api_key else ""), file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     finally:
