@@ -143,3 +143,49 @@ def test_weights_that_already_are_4_bit_stay_4_bit_and_others_become_int8():
         # 4-bit layer: only bf16 rounding (of its inputs, scales and zero points) away from the exact product
         torch.testing.assert_close(model[0](x), x @ four_bit.weight.T, atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(model(x), exact, atol=5e-2, rtol=5e-2)
+
+
+def test_a_prompt_after_cached_keys_computes_what_the_whole_prompt_does(tmp_path):
+    """Prefix caching's arithmetic: the keys/values of a prompt's first tokens, then only the rest of it."""
+    model = _adapter(_model("llama"), tmp_path / "a", 1, ["q_proj", "k_proj", "v_proj", "down_proj"], 4)
+    model.save_pretrained(tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    decoder = FastDecoder(served)
+    decoder.bank = LoraBank(served, groups=decoder.groups())
+    decoder.bank.add("a", str(tmp_path / "a"))
+    ids = torch.randint(0, 320, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), decoder.bank.rows(["a"]):
+        whole, expected = decoder.prefill(ids)
+        first, _ = decoder.prefill(ids[:, :12])
+        rest, logits = decoder.prefill(ids[:, 12:], first.prefix(12))
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rest.kv[..., :20, :], whole.kv[..., :20, :], atol=1e-5, rtol=1e-5)
+        # and decoding goes on from it alike
+        step = [decoder.step(s, torch.tensor([[7]]), torch.tensor([[20]])) for s in (whole, rest)]
+        torch.testing.assert_close(step[1], step[0], atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_cache_finds_the_longest_beginning_of_the_same_model_and_forgets_what_it_must():
+    from peftune.infer.prefix import PrefixCache
+
+    cache = PrefixCache(budget_bytes=3 * 4 * 4 * 20, min_tokens=3)  # room for 60 cached tokens of 4 x fp32 values
+
+    def kv(n):
+        return torch.arange(float(n))[None, :, None].expand(4, n, 1).clone()
+
+    cache.store("a", [1, 2, 3, 4, 5], kv(5))
+    cache.store("b", [1, 2, 3, 4, 5, 6, 7], kv(7))
+    n, prefix = cache.lookup("a", [1, 2, 3, 4, 9, 9])
+    assert n == 4 and prefix.shape == (4, 4, 1) and prefix[0, -1, 0] == 3
+    assert cache.lookup("a", [1, 2, 3, 4, 5])[0] == 4  # the last token is always computed (its logits)
+    assert cache.lookup("a", [1, 2, 9]) == (0, None)  # under min_tokens
+    assert cache.lookup(None, [1, 2, 3, 4, 5, 6]) == (0, None)  # another model's keys are not this one's
+    cache.store("a", [1, 2, 3, 4, 5, 6, 7, 8], kv(8))  # the next turn of a conversation replaces the one before
+    assert [k[1] for k in cache.entries if k[0] == "a"] == [(1, 2, 3, 4, 5, 6, 7, 8)]
+    for i in range(6):  # over the budget: least recently used go first
+        cache.store("c", [10 + i] * 10, kv(10))
+    assert cache.bytes <= cache.budget and ("b", (1, 2, 3, 4, 5, 6, 7)) not in cache.entries
+    cache.drop("c")
+    assert not any(k[0] == "c" for k in cache.entries)

@@ -26,6 +26,7 @@ from ..data.sources import system_prompt
 from ..errors import PeftuneError
 from .fast import FastDecoder
 from .lora import LoraBank, plain_lora
+from .prefix import PrefixCache
 from . import quant
 from .sampling import SamplingParams
 from .scheduler import DynamicKV, QueueFull, Request, Scheduler  # noqa: F401  (QueueFull: for the server)
@@ -115,6 +116,7 @@ class Engine:
         self.bank = LoraBank(self.model, groups=groups) if self.bank_ok else None
         if self.decoder:
             self.decoder.bank = self.bank
+        self.prefixes = PrefixCache()
         for name, path in adapters.items():
             self._load(name, path)
         self.scheduler = Scheduler(self, max_batch=max_batch, max_queue=max_queue)
@@ -184,6 +186,7 @@ class Engine:
                 if len(keep) < len(cohort.rows):
                     cohort.keep(keep)
             del self.served[name]
+            self.prefixes.drop(name)
             if self.bank is not None:
                 self.bank.remove(name)
             else:
@@ -282,8 +285,11 @@ class Engine:
         if served is not None and served.virtual:
             return self._prefill_virtual(req.adapter, ids)
         if self.decoder is not None:
+            cached, prefix = self.prefixes.lookup(req.adapter, req.prompt_ids)
             with self.bank.rows([req.adapter]):
-                state, logits = self.decoder.prefill(ids)
+                state, logits = self.decoder.prefill(ids[:, cached:], prefix)
+            self.prefixes.store(req.adapter, req.prompt_ids, state.prefix(ids.shape[1]))
+            req.cached_tokens = cached
             return state, logits, ids.shape[1]
         out = self._forward([req.adapter], False, input_ids=ids, cache=DynamicCache(),
                             position_ids=torch.arange(ids.shape[1])[None], attention_mask=torch.ones_like(ids))

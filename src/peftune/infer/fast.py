@@ -168,6 +168,10 @@ class KV:
         self.kv, self.mask = kv, mask
         self.layers = [(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])]
 
+    def prefix(self, tokens: int) -> torch.Tensor:
+        """A copy of a one-row state's first `tokens` keys and values (for `FastDecoder.prefill`)."""
+        return self.kv[..., :tokens, :].clone()
+
     def reserve(self, tokens: int) -> None:
         if self.length + tokens > self.kv.shape[4]:
             self._grow(max(2 * self.kv.shape[4], self.length + tokens + 32))
@@ -235,7 +239,12 @@ class FastDecoder:
         cos, sin = cos[:, None], sin[:, None]
         nq, nkv, d = self.heads, self.kv_heads, self.head_dim
         start, end = kv.length, kv.length + tokens
-        mask = None if prefill else kv.bias(end)
+        if not prefill:
+            mask = kv.bias(end)
+        elif start:  # a prompt after cached keys (prefix.py): each token sees those and the prompt up to itself
+            mask = torch.ones((tokens, end), dtype=torch.bool).tril(diagonal=start)
+        else:
+            mask = None
         for index, block in enumerate(self.blocks):
             a = _rms_norm(h, block.norm1, block.eps1)
             qkv = self._apply(block.qkv, block.keys["qkv"], a).view(rows, tokens, nq + 2 * nkv, d).transpose(1, 2)
@@ -244,7 +253,8 @@ class FastDecoder:
             keys[:, :, start:end] = qk[:, nq:]
             values[:, :, start:end] = qkv[:, nq + nkv:]
             attn = F.scaled_dot_product_attention(qk[:, :nq], keys[:, :, :end], values[:, :, :end], attn_mask=mask,
-                                                  is_causal=prefill, scale=block.scaling, enable_gqa=nq != nkv)
+                                                  is_causal=prefill and not start, scale=block.scaling,
+                                                  enable_gqa=nq != nkv)
             attn = attn.transpose(1, 2).reshape(rows * tokens, nq * d)
             h = h + self._apply(block.o, block.keys["o"], attn)
             a = _rms_norm(h, block.norm2, block.eps2)
@@ -254,16 +264,18 @@ class FastDecoder:
         last = h.view(rows, tokens, -1)[:, -1]
         return self._apply(self.head, self.head_key, _rms_norm(last, self.norm, self.eps)).float()
 
-    def prefill(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[KV, torch.Tensor]:
-        """One row's prompt ids [1, tokens] (an empty cache before it): its KV and the last logits [vocab]."""
-        tokens = ids.shape[1]
-        if positions is None:
-            positions = torch.arange(tokens)[None]
-        kv = torch.zeros((len(self.blocks), 2, 1, self.kv_heads, tokens + 32, self.head_dim), dtype=self.dtype)
-        mask = torch.zeros((1, tokens + 32), dtype=torch.bool)
-        mask[:, :tokens] = True
-        state = KV(kv, mask, 0)
-        return state, self._forward(ids, positions, state, prefill=True)[0]
+    def prefill(self, ids: torch.Tensor, prefix: torch.Tensor | None = None) -> tuple[KV, torch.Tensor]:
+        """One row's prompt ids [1, tokens]: its KV and the last logits [vocab]. prefix: the keys and values of the
+        tokens before these ([layers, 2, 1, kv heads, length, head dim], from `KV.prefix`), or None."""
+        start = 0 if prefix is None else prefix.shape[4]
+        end = start + ids.shape[1]
+        kv = torch.zeros((len(self.blocks), 2, 1, self.kv_heads, end + 32, self.head_dim), dtype=self.dtype)
+        if prefix is not None:
+            kv[..., :start, :] = prefix
+        mask = torch.zeros((1, end + 32), dtype=torch.bool)
+        mask[:, :end] = True
+        state = KV(kv, mask, start)
+        return state, self._forward(ids, torch.arange(start, end)[None], state, prefill=True)[0]
 
     def step(self, kv: KV, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per row, ids and positions [rows, 1]: the logits [rows, vocab]."""

@@ -36,6 +36,7 @@ class Request:
     params: SamplingParams
     emit: Callable[[dict], None]  # gets {"text": ...} chunks, then {"finish_reason", "usage"} (or {"error"})
     max_context: int = 1 << 30
+    cached_tokens: int = 0  # of the prompt, whose keys and values came from the prefix cache
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -225,7 +226,8 @@ class Scheduler:
             req.emit({"text": tail})
         req.emit({"finish_reason": finish, "usage": {"prompt_tokens": len(req.prompt_ids),
                                                       "completion_tokens": row.generated,
-                                                      "total_tokens": len(req.prompt_ids) + row.generated}})
+                                                      "total_tokens": len(req.prompt_ids) + row.generated,
+                                                      "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}})
         return True
 
     def _fail_all(self, message: str) -> None:
