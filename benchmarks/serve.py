@@ -8,7 +8,9 @@ GGUF, side by side.
 Prints, for 1, 4 and 8 concurrent streaming clients: one stream's decode tokens/s (after its first token), the
 aggregate tokens/s of all clients, p50/p95 time to first token, and the server's peak RSS; then llama.cpp's
 one-stream numbers on the same prompts. Clients alternate between the two adapters. Every answer is
-`max_tokens` long (`ignore_eos`), greedy. Without --adapter, two LoRA adapters of the demo's shape (r=16 on all
+`max_tokens` long (`ignore_eos`), greedy. The chat template's system prompt is the same in every prompt: after the
+first request of each adapter the server's prefix cache holds it (llama-cpp-python likewise reuses the part of its
+previous prompt that the next one begins with). Without --adapter, two LoRA adapters of the demo's shape (r=16 on all
 linear layers) with random weights are made: they cost what trained ones cost.
 """
 
@@ -102,8 +104,12 @@ def answer(url: str, model: str, prompt: str, max_tokens: int) -> str:
         return json.loads(r.read())["choices"][0]["message"]["content"]
 
 
-def batch_invariance(url: str, names: list[str], max_tokens: int) -> tuple[int, int]:
-    """Greedy answers alone vs all at once (batched with each other): how many differ."""
+def batch_invariance(url: str, names: list[str], max_tokens: int) -> tuple[list[int | None], int]:
+    """Greedy answers alone vs all at once (batched with each other): for each that differs, the index of the first
+    token where it does (None: the same answer)."""
+    from peftune.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
     jobs = [(n, p) for p in PROMPTS for n in names]
     alone = [answer(url, n, p, max_tokens) for n, p in jobs]
     together: dict = {}
@@ -113,7 +119,12 @@ def batch_invariance(url: str, names: list[str], max_tokens: int) -> tuple[int, 
         t.start()
     for t in threads:
         t.join()
-    return sum(alone[k] != together[k] for k in range(len(jobs))), len(jobs)
+    firsts = []
+    for k in range(len(jobs)):
+        if alone[k] != together[k]:
+            a, b = tok.encode(alone[k]), tok.encode(together[k])
+            firsts.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+    return firsts, len(jobs)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -154,7 +165,7 @@ def llama_cpp(prompts: list[str], max_tokens: int, threads: int) -> dict | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", action="append", default=[], help="adapter directories (default: two made here)")
-    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "int8"))
+    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "int8", "int4"))
     ap.add_argument("--max_tokens", type=int, default=64)
     ap.add_argument("--levels", default="1,4,8")
     ap.add_argument("--per_client", type=int, default=2, help="requests each client sends in turn")
@@ -195,7 +206,9 @@ def main() -> None:
     if cpp:
         print(f"| llama.cpp (llama-cpp-python) | 1 | 4 | {cpp['stream_tok_s']:.1f} | {cpp['stream_tok_s']:.1f} | "
               f"{cpp['ttft_p50']:.3f} s | {cpp['ttft_p95']:.3f} s |")
-    print(f"\ngreedy answers that differ when batched with the others instead of alone: {flips[0]} of {flips[1]}")
+    firsts, total = flips
+    print(f"\ngreedy answers that differ when batched with the others instead of alone: {len(firsts)} of {total}"
+          + (f" (first differing token: {', '.join(map(str, sorted(firsts)))})" if firsts else ""))
     print(f"peak RSS of the server: {rss:.0f} MB; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}")
 
