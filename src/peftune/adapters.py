@@ -6,6 +6,7 @@ trainable tensor, and at least one must differ from its value at initialisation.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -89,6 +90,17 @@ def run_config(adapter_dir: str, flag: str = "--adapter") -> dict:
                 loaded = yaml.safe_load(fh)
             return loaded if isinstance(loaded, dict) else {}
     return {}
+
+
+def base_of(adapter_dir: str, run: dict) -> str | None:
+    """The base model an adapter was trained on: its run's base_model, else what peft recorded."""
+    if run.get("base_model"):
+        return run["base_model"]
+    try:
+        with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as fh:
+            return json.load(fh).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
 
 
 def human_bytes(n: float) -> str:

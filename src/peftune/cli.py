@@ -16,6 +16,8 @@ commands:
   chat --adapter DIR [options]            talk to the base model + adapter (peftune chat --help)
   serve [--adapter NAME=DIR ...] [options] an OpenAI-compatible API and a chat page, many adapters on one base
                                           (peftune serve --help)
+  merge ADAPTER_DIR --output_dir DIR      the adapter folded into its base: a plain transformers model, checked
+                                          (peftune merge --help)
   data inspect CONFIG.yaml|FILE... [opts] validate and tokenize data as training would, and report
                                           (peftune data inspect --help)
   docs [FILE]                             write the config reference (docs/config.md)
@@ -89,6 +91,17 @@ def cmd_chat(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     _quiet_libraries()
     return chat.run(args)
+
+
+def cmd_merge(argv: list[str]) -> int:
+    from .export import merge
+
+    parser = argparse.ArgumentParser(prog="peftune merge", description="Fold an adapter into its base model and "
+                                     "write a plain transformers model directory (checked before it is written).")
+    merge.add_arguments(parser)
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    return merge.run(args)
 
 
 DATA_USAGE = """usage: peftune data inspect CONFIG.yaml [--key value ...] [options]
@@ -200,7 +213,8 @@ def cmd_docs(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve, "data": cmd_data, "docs": cmd_docs}
+COMMANDS = {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve, "merge": cmd_merge, "data": cmd_data,
+            "docs": cmd_docs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ was trained, and batched streaming decoding (scheduler.py). Used by `peftune cha
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import queue
 import re
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import models
-from ..adapters import run_config
+from ..adapters import base_of, run_config
 from ..config import EMBEDDED_MODEL
 from ..data.render import Renderer, get_template
 from ..data.sources import system_prompt
@@ -70,13 +69,6 @@ class Served:
     virtual: bool = False  # prefix/prompt/p-tuning: learned tokens go in at prefill
 
 
-def _base_of(adapter_dir: str, run: dict) -> str | None:
-    if run.get("base_model"):
-        return run["base_model"]
-    with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as fh:
-        return json.load(fh).get("base_model_name_or_path")
-
-
 class Engine:
     def __init__(self, base_model: str | None = None, adapters: dict[str, str] | None = None,
                  base_name: str | None = None, dtype: str = "auto", prompt_template: str | None = None,
@@ -85,7 +77,7 @@ class Engine:
         adapters = dict(adapters or {})
         if base_model is None:  # the base the (first) adapter was trained on
             first = next(iter(adapters.values()), None)
-            base_model = (_base_of(first, run_config(first)) if first else None) or EMBEDDED_MODEL
+            base_model = (base_of(first, run_config(first)) if first else None) or EMBEDDED_MODEL
         self.base_model, self.prompt_template = base_model, prompt_template
         self.base_path = models.resolve_model_path(base_model)
         self.bank_ok = all(plain_lora(p) for p in adapters.values())
@@ -135,7 +127,7 @@ class Engine:
         if name in self.served:
             raise PeftuneError(f"{flag} {name}: an adapter of that name is already loaded")
         run = run_config(path, flag)
-        trained_on = _base_of(path, run)
+        trained_on = base_of(path, run)
         if trained_on and models.resolve_model_path(trained_on) != self.base_path:
             raise PeftuneError(f"{flag} {name}={path}: trained on base model {trained_on}, but this engine runs "
                                f"{self.base_model}; give --base_model {trained_on}")

@@ -1,0 +1,1 @@
+"""Taking a trained adapter elsewhere: merged into a plain transformers model (merge.py)."""
