@@ -10,12 +10,13 @@ CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def make_tokenizer(chat_template: str | None = CHATML, add_bos: bool = False):
+def make_tokenizer(chat_template: str | None = CHATML, add_bos: bool = False, merges: list | None = None):
+    """merges: BPE merges (pairs of byte-level strings) on top of the bytes; none by default."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["".join(m) for m in merges or []]
+    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=list(merges or [])))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
@@ -49,3 +50,22 @@ ROWS = [
     {"instruction": "你是谁？", "input": "", "output": "我是 {{name}}。"},
     {"instruction": "Say hi", "input": "", "output": "Hi!", "system": "Be brief."},
 ]
+
+
+def make_adapter(tiny_model_dir, tokenizer, cfg, path, seed=0, noise=0.1):
+    """A saved adapter of peftune's method `cfg` with strong random weights (so that a lost or doubled update shows);
+    returns the peft model, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from peftune import methods
+
+    torch.manual_seed(seed)
+    model = methods.Adapter(cfg, 10, tiny_model_dir, tokenizer).attach(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * noise)
+    model.save_pretrained(path)
+    return model.eval()

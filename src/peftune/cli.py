@@ -18,6 +18,9 @@ commands:
                                           (peftune serve --help)
   merge ADAPTER_DIR --output_dir DIR      the adapter folded into its base: a plain transformers model, checked
                                           (peftune merge --help)
+  export ADAPTER_DIR --format gguf --output_dir DIR
+                                          the merged model as one GGUF file and an Ollama Modelfile, for llama.cpp
+                                          and Ollama (peftune export --help)
   data inspect CONFIG.yaml|FILE... [opts] validate and tokenize data as training would, and report
                                           (peftune data inspect --help)
   docs [FILE]                             write the config reference (docs/config.md)
@@ -102,6 +105,17 @@ def cmd_merge(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     _quiet_libraries()
     return merge.run(args)
+
+
+def cmd_export(argv: list[str]) -> int:
+    from .export import export
+
+    parser = argparse.ArgumentParser(prog="peftune export", description="Export the fine-tuned model for llama.cpp "
+                                     "and Ollama: one GGUF file and a Modelfile.")
+    export.add_arguments(parser)
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    return export.run(args)
 
 
 DATA_USAGE = """usage: peftune data inspect CONFIG.yaml [--key value ...] [options]
@@ -213,8 +227,8 @@ def cmd_docs(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve, "merge": cmd_merge, "data": cmd_data,
-            "docs": cmd_docs}
+COMMANDS = {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve, "merge": cmd_merge, "export": cmd_export,
+            "data": cmd_data, "docs": cmd_docs}
 
 
 def main(argv: list[str] | None = None) -> int:

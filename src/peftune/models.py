@@ -39,6 +39,15 @@ def embedded_gguf() -> str:
     return path
 
 
+def source_gguf(base_model: str) -> str | None:
+    """The GGUF file a base model was converted from (the embedded model's, or a .gguf base_model), else None."""
+    if base_model.lower() == EMBEDDED_MODEL or (not os.path.exists(base_model) and _embedded_cache_path(base_model)):
+        return embedded_gguf()
+    if base_model.lower().endswith(".gguf") and os.path.isfile(base_model):
+        return os.path.abspath(base_model)
+    return None
+
+
 def resolve_model_path(base_model: str) -> str:
     """Returns a local HF model directory or a hub id; GGUF inputs are converted (once) into the cache."""
     if base_model.lower() == EMBEDDED_MODEL:

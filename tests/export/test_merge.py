@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-from peftune import cli, methods
+from tiny import make_adapter
+
+from peftune import cli
 from peftune.config import TrainConfig
 
 METHODS = {
@@ -24,18 +26,7 @@ METHODS = {
 
 
 def _adapter(tiny_model_dir, tokenizer, cfg, path, seed=0):
-    """A saved adapter with strong random weights (so that a lost or doubled update shows)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = methods.Adapter(cfg, 10, tiny_model_dir, tokenizer).attach(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
-    return model.eval()
+    return make_adapter(tiny_model_dir, tokenizer, cfg, path, seed)
 
 
 def _logits(model, ids):
