@@ -126,3 +126,60 @@ def test_modelfile_and_refusals(exported, tmp_path, capsys):
     assert _export(tmp_path / "prompt", tmp_path / "out", "f16", "--base_model", tiny_model_dir) == 2
     assert "virtual tokens" in capsys.readouterr().err
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith((".gguf", ".tmp"))]
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_gguf_holds_peft_s_update_and_llama_cpp_applies_it(exported, tmp_path, rslora):
+    """--adapter_only: A, B and alpha read back give peft's delta weights (q/k rows permuted as the base's), and
+    llama.cpp with the base's GGUF and this adapter computes the adapter-on-base logits."""
+    import gguf
+    from llama_cpp import Llama
+
+    from peftune.export.gguf import permute_rows
+
+    base_dir, tokenizer = exported["base_dir"], exported["tokenizer"]
+    cfg = TrainConfig(lora_r=4, lora_alpha=8, use_rslora=rslora)
+    peft_model = _adapter(base_dir, tokenizer, cfg, tmp_path / "adapter", seed=5)
+    assert _export(tmp_path / "adapter", tmp_path / "out", "f32", "--adapter_only", "--base_model", base_dir) == 0
+    reader = gguf.GGUFReader(str(tmp_path / "out" / "adapter-lora-f32.gguf"))
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    alpha = reader.fields["adapter.lora.alpha"].contents()
+    stored = {t.name: torch.from_numpy(np.array(t.data)).reshape(*reversed(t.shape.tolist())) for t in reader.tensors}
+    config = peft_model.get_base_model().config
+    for i in range(config.num_hidden_layers):
+        for ours, theirs, heads in (("self_attn.q_proj", "attn_q", config.num_attention_heads),
+                                    ("self_attn.k_proj", "attn_k", config.num_key_value_heads),
+                                    ("mlp.down_proj", "ffn_down", None)):
+            layer = peft_model.get_submodule(f"base_model.model.model.layers.{i}.{ours}")
+            expected = layer.get_delta_weight("default")
+            if heads:
+                expected = permute_rows(expected, heads)
+            A, B = stored[f"blk.{i}.{theirs}.weight.lora_a"], stored[f"blk.{i}.{theirs}.weight.lora_b"]
+            torch.testing.assert_close(B @ A * (alpha / A.shape[0]), expected, atol=1e-6, rtol=1e-5)
+    base_gguf = [f for f in os.listdir(tmp_path / "out") if f.endswith(".gguf") and "lora" not in f]
+    assert len(base_gguf) == 1  # the HF base, written beside it for llama.cpp and Ollama
+    text = (tmp_path / "out" / "Modelfile").read_text()
+    assert f"FROM ./{base_gguf[0]}" in text and "ADAPTER ./adapter-lora-f32.gguf" in text
+    llm = Llama(model_path=str(tmp_path / "out" / base_gguf[0]), lora_path=str(tmp_path / "out" /
+                "adapter-lora-f32.gguf"), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    for ids in exported["ids"]:
+        with torch.no_grad():
+            expected = peft_model(input_ids=ids).logits[0]
+        llm.reset()
+        llm.eval(ids[0].tolist())
+        logits = torch.from_numpy(np.array(llm.scores[: ids.shape[1]]))
+        assert float((logits - expected).abs().max()) <= 1e-3
+
+
+def test_what_the_lora_format_cannot_hold_is_refused(exported, tmp_path, capsys):
+    base_dir, tokenizer = exported["base_dir"], exported["tokenizer"]
+    for name, cfg, message in (
+            ("dora", TrainConfig(lora_r=4, use_dora=True), "use_dora"),
+            ("ia3", TrainConfig(peft_method="ia3"), "IA3"),
+            ("head", TrainConfig(lora_r=4, lora_target_modules=["q_proj", "lm_head"]), "lm_head")):
+        _adapter(base_dir, tokenizer, cfg, tmp_path / name)
+        assert _export(tmp_path / name, tmp_path / "out", "f32", "--adapter_only", "--base_model", base_dir) == 2
+        err = capsys.readouterr().err
+        assert message in err and "merged model" in err, err
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith((".gguf", ".tmp"))]

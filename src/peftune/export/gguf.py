@@ -193,3 +193,80 @@ def write_model(model, tokenizer, path: str, outtype: str = "f16", source_gguf: 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+ADAPTER_TYPES = {"f32": np.float32, "f16": np.float16}
+
+
+def write_lora(adapter_dir: str, config, path: str, outtype: str = "f32") -> dict:
+    """A plain LoRA adapter as llama.cpp's LoRA GGUF (`--lora`, Ollama's ADAPTER): A and B per layer under the base's
+    tensor names, B's rows of q and k permuted as the base's are, and adapter.lora.alpha chosen so that llama.cpp's
+    scale, alpha / rank, is peft's (alpha / rank, or alpha / sqrt(rank) for rsLoRA). Returns what was written."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    check_supported(config)
+    with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as fh:
+        peft_config = json.load(fh)
+    unexpressible = [k for k in ("use_dora", "modules_to_save", "lora_bias", "alpha_pattern", "rank_pattern",
+                                 "trainable_token_indices") if peft_config.get(k)]
+    if peft_config.get("peft_type") != "LORA" or unexpressible:
+        what = peft_config.get("peft_type", "?") if peft_config.get("peft_type") != "LORA" else \
+            ", ".join(unexpressible)
+        raise PeftuneError(f"export --adapter_only: llama.cpp's LoRA format holds plain LoRA A/B pairs with one scale; "
+                           f"this adapter has {what}. Export the merged model instead (leave out --adapter_only)")
+    if outtype not in ADAPTER_TYPES:
+        raise PeftuneError(f"--outtype {outtype}: a LoRA GGUF is written in f32 or f16")
+    weights = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    pairs: dict[str, dict] = {}
+    for key, tensor in weights.items():
+        stem, _, kind = key.rpartition(".lora_")
+        if kind not in ("A.weight", "B.weight"):
+            raise PeftuneError(f"export --adapter_only: {key} is not a LoRA A/B matrix (llama.cpp's LoRA format holds "
+                               "nothing else); export the merged model instead (leave out --adapter_only)")
+        pairs.setdefault(stem.replace("base_model.model.", "", 1), {})[kind[0]] = tensor.float()
+    ranks = {ab["A"].shape[0] for ab in pairs.values()}
+    if len(ranks) != 1:
+        raise PeftuneError("export --adapter_only: the adapter's layers have different ranks, and llama.cpp applies "
+                           "one alpha to all; export the merged model instead")
+    rank = ranks.pop()
+    alpha = float(peft_config["lora_alpha"])
+    scale = alpha / (rank ** 0.5 if peft_config.get("use_rslora") else rank)
+    names = {f"model.layers.{i}.{ours}": f"blk.{i}.{theirs}.weight" for i in range(config.num_hidden_layers)
+             for ours, theirs in LAYER_NAMES.items()}
+    names["lm_head"] = "output.weight"
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    tmp = path + ".tmp"
+    try:
+        writer = gguf.GGUFWriter(tmp, ARCHITECTURES[config.model_type])
+        writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, scale * rank)  # llama.cpp: scale = alpha / rank
+        for module, ab in sorted(pairs.items()):
+            name = names.get(module)
+            if name is None or "A" not in ab or "B" not in ab:
+                raise PeftuneError(f"export --adapter_only: {module} is not a layer llama.cpp's LLaMA graph adapts; "
+                                   "export the merged model instead")
+            if module == "lm_head" and getattr(config, "tie_word_embeddings", False):
+                raise PeftuneError("export --adapter_only: the adapter changes the output layer, which this base "
+                                   "shares with its input embeddings (llama.cpp would not apply it); export the "
+                                   "merged model instead")
+            B = ab["B"]
+            kind = name.split(".")[-2]
+            if kind in heads:
+                B = permute_rows(B, heads[kind])
+            writer.add_tensor(f"{name}.lora_a", ab["A"].numpy().astype(ADAPTER_TYPES[outtype]))
+            writer.add_tensor(f"{name}.lora_b", B.numpy().astype(ADAPTER_TYPES[outtype]))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except OSError as e:
+        raise PeftuneError(f"export: cannot write {path} ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return {"rank": rank, "alpha": scale * rank, "scale": scale, "layers": len(pairs)}

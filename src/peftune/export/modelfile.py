@@ -30,10 +30,11 @@ def _quote(text: str) -> str:
     return '"""' + text.replace('"""', '\\"\\"\\"') + '"""'
 
 
-def modelfile(gguf_name: str, tokenizer, system: str | None) -> tuple[str, list[str]]:
-    """(the Modelfile's text, notes for the user)."""
+def modelfile(model: str, tokenizer, system: str | None, adapter: str | None = None) -> tuple[str, list[str]]:
+    """(the Modelfile's text, notes for the user). model: the GGUF's path (relative to the Modelfile, or absolute);
+    adapter: a LoRA GGUF's, applied on it."""
     notes = []
-    lines = [f"FROM ./{gguf_name}", ""]
+    lines = [f"FROM {model}"] + ([f"ADAPTER {adapter}"] if adapter else []) + [""]
     chat_template = getattr(tokenizer, "chat_template", None) or ""
     stops = []
     for marker, template, family_stops in FAMILIES:
