@@ -183,3 +183,19 @@ def test_what_the_lora_format_cannot_hold_is_refused(exported, tmp_path, capsys)
         err = capsys.readouterr().err
         assert message in err and "merged model" in err, err
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith((".gguf", ".tmp"))]
+
+
+def test_bf16_gguf_and_an_unwritable_output(exported, tmp_path, capsys):
+    assert _export(exported["dir"].parent / "adapter", tmp_path / "bf16", "bf16", "--base_model",
+                   exported["base_dir"]) == 0
+    for ids, expected in zip(exported["ids"], exported["adapted"]):
+        logits = _gguf_logits(tmp_path / "bf16", "adapter-bf16.gguf", ids)
+        assert float((logits - expected).abs().max()) < 0.05
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert _export(exported["dir"].parent / "adapter", blocker / "sub", "f16", "--base_model",
+                   exported["base_dir"]) == 2
+    assert "cannot create it" in capsys.readouterr().err
+    assert cli.main(["merge", str(exported["dir"].parent / "adapter"), "--output_dir", str(blocker / "sub"),
+                     "--base_model", exported["base_dir"]]) == 2
+    assert "cannot write there" in capsys.readouterr().err
