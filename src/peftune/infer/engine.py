@@ -23,10 +23,10 @@ from ..config import EMBEDDED_MODEL
 from ..data.render import Renderer, get_template
 from ..data.sources import system_prompt
 from ..errors import PeftuneError
+from . import quant
 from .fast import FastDecoder
 from .lora import LoraBank, plain_lora
 from .prefix import PrefixCache
-from . import quant
 from .sampling import SamplingParams
 from .scheduler import DynamicKV, QueueFull, Request, Scheduler  # noqa: F401  (QueueFull: for the server)
 
