@@ -104,3 +104,17 @@ def test_what_cannot_merge_is_refused_and_nothing_is_written(tiny_model_dir, tok
     assert cli.main(["merge", str(tmp_path / "ok"), "--output_dir", str(taken), "--base_model", tiny_model_dir]) == 2
     assert "not empty" in capsys.readouterr().err and (taken / "keep.txt").read_text() == "the user's file"
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_a_qlora_adapter_merges_into_the_full_precision_base_with_a_note(tiny_model_dir, tokenizer, tmp_path,
+                                                                           capsys):
+    from transformers import AutoModelForCausalLM
+
+    peft_model = _adapter(tiny_model_dir, tokenizer, METHODS["lora"], tmp_path / "adapter")
+    (tmp_path / "adapter" / "config.yaml").write_text(f"base_model: {tiny_model_dir}\nload_in_4bit: true\n")
+    assert cli.main(["merge", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "merged")]) == 0
+    assert "full-precision base" in capsys.readouterr().err
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = torch.tensor([tokenizer("Hello")["input_ids"]])
+    torch.testing.assert_close(_logits(merged, ids), _logits(peft_model, ids), atol=1e-4, rtol=0)
+    assert "full-precision" in json.loads((tmp_path / "merged" / "peftune_merge.json").read_text())["notes"][0]
