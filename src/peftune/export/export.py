@@ -53,12 +53,14 @@ def run(args) -> int:
         if not base_model:
             raise PeftuneError(f"export {args.adapter_dir}: no base model recorded with it; give --base_model")
         path = _free(os.path.join(output_dir, f"{name}-lora-{args.outtype}.gguf"), args.overwrite)
+        base_gguf = models.source_gguf(base_model)
+        write_base = base_gguf is None  # llama.cpp and Ollama need the base as a GGUF too
+        if write_base:
+            base_gguf = _free(os.path.join(output_dir, f"{_slug(base_model)}-{args.outtype}.gguf"), args.overwrite)
         config = AutoConfig.from_pretrained(models.resolve_model_path(base_model),
                                             trust_remote_code=args.trust_remote_code)
         info = gguf_writer.write_lora(args.adapter_dir, config, path, args.outtype)
-        base_gguf = models.source_gguf(base_model)
-        if base_gguf is None:  # llama.cpp and Ollama need the base as a GGUF too
-            base_gguf = _free(os.path.join(output_dir, f"{_slug(base_model)}-{args.outtype}.gguf"), args.overwrite)
+        if write_base:
             tokenizer = models.load_tokenizer(base_model, args.trust_remote_code)
             gguf_writer.write_model(models.load_model(base_model, args.trust_remote_code), tokenizer, base_gguf,
                                     args.outtype, name=_slug(base_model))
