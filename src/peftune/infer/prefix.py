@@ -1,7 +1,7 @@
 """Prefix caching: the keys and values of recent prompts, per model (the base or an adapter), so that a prompt that
 begins like one of them computes only the rest.
 
-Prompts share beginnings all the time: the chat template's system prompt and headers (about 25 of the 40 tokens of
+Prompts share beginnings all the time: the chat template's system prompt and headers (24 of the 36 tokens of
 a short question to the embedded model), an adapter's own system prompt, and in a conversation every earlier turn.
 Computing a prompt stalls every stream being decoded (the scheduler runs one forward at a time), so what is not
 computed again is time every running request gets back. The idea is vLLM's automatic prefix
