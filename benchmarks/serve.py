@@ -1,8 +1,8 @@
 """Serving benchmark: `peftune serve` on the embedded model with two adapters, and llama.cpp on the same model's
 GGUF, side by side.
 
-    .venv/bin/pip install llama-cpp-python==0.3.36      # once: builds from source (about 2.5 minutes here)
-    .venv/bin/python benchmarks/serve.py                 # about 5 minutes on a 2-core CPU
+    make install                                         # includes llama-cpp-python (the test extra)
+    .venv/bin/python benchmarks/serve.py                 # about 3 minutes on a 2-core CPU
     .venv/bin/python benchmarks/serve.py --adapter output/demo --adapter output/other --dtype bf16
 
 Prints, for 1, 4 and 8 concurrent streaming clients: one stream's decode tokens/s (after its first token), the
@@ -139,7 +139,7 @@ def llama_cpp(prompts: list[str], max_tokens: int, threads: int) -> dict | None:
     try:
         from llama_cpp import Llama
     except ImportError:
-        print("llama.cpp: not installed (.venv/bin/pip install llama-cpp-python==0.3.36)", file=sys.stderr)
+        print("llama.cpp: not installed (make install puts llama-cpp-python in .venv)", file=sys.stderr)
         return None
     from peftune.models import embedded_gguf
 
