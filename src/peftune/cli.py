@@ -86,36 +86,33 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(["peftune", "train", *kept, "--resume_from_checkpoint", "auto"])
 
 
+def _verb(module, prog: str, description: str, argv: list[str]) -> int:
+    """A command that is a module's add_arguments(parser) and run(args)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    return module.run(args)
+
+
 def cmd_chat(argv: list[str]) -> int:
     from .infer import chat
 
-    parser = argparse.ArgumentParser(prog="peftune chat", description="Chat with a base model and an adapter.")
-    chat.add_arguments(parser)
-    args = parser.parse_args(argv)
-    _quiet_libraries()
-    return chat.run(args)
+    return _verb(chat, "peftune chat", "Chat with a base model and an adapter.", argv)
 
 
 def cmd_merge(argv: list[str]) -> int:
     from .export import merge
 
-    parser = argparse.ArgumentParser(prog="peftune merge", description="Fold an adapter into its base model and "
-                                     "write a plain transformers model directory (checked before it is written).")
-    merge.add_arguments(parser)
-    args = parser.parse_args(argv)
-    _quiet_libraries()
-    return merge.run(args)
+    return _verb(merge, "peftune merge", "Fold an adapter into its base model and write a plain transformers model "
+                 "directory (checked before it is written).", argv)
 
 
 def cmd_export(argv: list[str]) -> int:
     from .export import export
 
-    parser = argparse.ArgumentParser(prog="peftune export", description="Export the fine-tuned model for llama.cpp "
-                                     "and Ollama: one GGUF file and a Modelfile.")
-    export.add_arguments(parser)
-    args = parser.parse_args(argv)
-    _quiet_libraries()
-    return export.run(args)
+    return _verb(export, "peftune export", "Export the fine-tuned model for llama.cpp and Ollama: one GGUF file and "
+                 "a Modelfile.", argv)
 
 
 DATA_USAGE = """usage: peftune data inspect CONFIG.yaml [--key value ...] [options]

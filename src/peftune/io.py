@@ -7,17 +7,18 @@ import os
 import tempfile
 
 
-def _default_mode() -> int:
+def default_mode(directory: bool = False) -> int:
+    """The mode a new file (or directory) gets under the current umask."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return (0o777 if directory else 0o666) & ~mask
 
 
 def publish(tmp: str, path: str) -> None:
     """fsync a finished temporary file, give it normal permissions (mkstemp makes 0600), rename it into place."""
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
-    os.chmod(tmp, _default_mode())
+    os.chmod(tmp, default_mode())
     os.replace(tmp, path)
 
 

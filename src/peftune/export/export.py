@@ -60,13 +60,12 @@ def run(args) -> int:
         config = AutoConfig.from_pretrained(models.resolve_model_path(base_model),
                                             trust_remote_code=args.trust_remote_code)
         info = gguf_writer.write_lora(args.adapter_dir, config, path, args.outtype)
+        tokenizer = models.load_tokenizer(base_model, args.trust_remote_code)
         if write_base:
-            tokenizer = models.load_tokenizer(base_model, args.trust_remote_code)
             gguf_writer.write_model(models.load_model(base_model, args.trust_remote_code), tokenizer, base_gguf,
                                     args.outtype, name=_slug(base_model))
             base_ref = "./" + os.path.basename(base_gguf)
         else:
-            tokenizer = models.load_tokenizer(base_model, args.trust_remote_code)
             base_ref = base_gguf
         text, notes = modelfile(base_ref, tokenizer, system, adapter="./" + os.path.basename(path))
         print(f"wrote {path} ({human_bytes(os.path.getsize(path))}: {info['layers']} layers, rank {info['rank']}, "

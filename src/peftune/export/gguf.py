@@ -11,6 +11,7 @@ anything else is refused rather than written wrong.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -159,6 +160,27 @@ def _write_header(writer, model, tokenizer, name: str) -> None:
                                  sub_type=gguf.GGUFValueType.STRING)
 
 
+@contextlib.contextmanager
+def _gguf_file(path: str, arch: str):
+    """A GGUFWriter to fill in; the file is written to path + ".tmp" and renamed into place once complete."""
+    import gguf
+
+    tmp = path + ".tmp"
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except OSError as e:
+        raise PeftuneError(f"export: cannot write {path} ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_model(model, tokenizer, path: str, outtype: str = "f16", source_gguf: str | None = None,
                 name: str = "peftune export") -> None:
     """Writes the model to path (a temporary file beside it, renamed into place when complete)."""
@@ -167,9 +189,7 @@ def write_model(model, tokenizer, path: str, outtype: str = "f16", source_gguf: 
     check_supported(model.config)
     if outtype not in OUTTYPES:
         raise PeftuneError(f"--outtype {outtype}: expected one of {', '.join(OUTTYPES)}")
-    tmp = path + ".tmp"
-    try:
-        writer = gguf.GGUFWriter(tmp, ARCHITECTURES[model.config.model_type])
+    with _gguf_file(path, ARCHITECTURES[model.config.model_type]) as writer:
         if source_gguf:
             _copy_header(writer, source_gguf)
         else:
@@ -183,16 +203,6 @@ def write_model(model, tokenizer, path: str, outtype: str = "f16", source_gguf: 
                 writer.add_tensor(tensor_name, array)
             else:
                 writer.add_tensor(tensor_name, array, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except OSError as e:
-        raise PeftuneError(f"export: cannot write {path} ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 ADAPTER_TYPES = {"f32": np.float32, "f16": np.float16}
@@ -238,9 +248,7 @@ def write_lora(adapter_dir: str, config, path: str, outtype: str = "f32") -> dic
              for ours, theirs in LAYER_NAMES.items()}
     names["lm_head"] = "output.weight"
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    tmp = path + ".tmp"
-    try:
-        writer = gguf.GGUFWriter(tmp, ARCHITECTURES[config.model_type])
+    with _gguf_file(path, ARCHITECTURES[config.model_type]) as writer:
         writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, scale * rank)  # llama.cpp: scale = alpha / rank
@@ -259,14 +267,4 @@ def write_lora(adapter_dir: str, config, path: str, outtype: str = "f32") -> dic
                 B = permute_rows(B, heads[kind])
             writer.add_tensor(f"{name}.lora_a", ab["A"].numpy().astype(ADAPTER_TYPES[outtype]))
             writer.add_tensor(f"{name}.lora_b", B.numpy().astype(ADAPTER_TYPES[outtype]))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except OSError as e:
-        raise PeftuneError(f"export: cannot write {path} ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return {"rank": rank, "alpha": scale * rank, "scale": scale, "layers": len(pairs)}

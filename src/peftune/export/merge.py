@@ -23,6 +23,7 @@ import torch
 from .. import models
 from ..adapters import base_of, human_bytes, run_config
 from ..errors import PeftuneError
+from ..io import default_mode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # a few prompts in the languages our users write (the check compares every position's logits)
@@ -175,11 +176,10 @@ def save_merged(result: Merged, output_dir: str, dtype: str, source: str, overwr
                 "notes": result.notes}
         with open(os.path.join(tmp, "peftune_merge.json"), "w", encoding="utf-8") as fh:
             json.dump(note, fh, indent=2, ensure_ascii=False)
-        mask = os.umask(0)
-        os.umask(mask)
+        mode = default_mode()
         for name in os.listdir(tmp):  # some writers make private files; a model directory is the user's usual kind
-            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
-        os.chmod(tmp, 0o777 & ~mask)
+            os.chmod(os.path.join(tmp, name), mode)
+        os.chmod(tmp, default_mode(directory=True))
         if os.path.exists(output_dir):
             shutil.rmtree(output_dir)
         os.replace(tmp, output_dir)
