@@ -165,7 +165,9 @@ def llama_cpp(prompts: list[str], max_tokens: int, threads: int) -> dict | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", action="append", default=[], help="adapter directories (default: two made here)")
-    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "int8", "int4"))
+    ap.add_argument("--engine", default="torch,llama.cpp", help="engines to serve with, in turn (comma-separated)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "int8", "int4"),
+                    help="--engine torch's weights")
     ap.add_argument("--max_tokens", type=int, default=64)
     ap.add_argument("--levels", default="1,4,8")
     ap.add_argument("--per_client", type=int, default=2, help="requests each client sends in turn")
@@ -180,38 +182,44 @@ def main() -> None:
     names = [f"a{i}" for i in range(len(adapters))]
     from peftune.serve.launch import start
 
-    server, url = start(["--dtype", args.dtype, "--base_model", "smollm2-135m-instruct",
-                         *[f"--adapter={n}={p}" for n, p in zip(names, adapters)]], stderr=subprocess.DEVNULL)
-    try:
-        stream_one(url, names[0], "warm up", 8)
-        rows = [run_level(url, names, int(c), args.per_client, args.max_tokens) for c in args.levels.split(",")]
-        flips = batch_invariance(url, names, args.max_tokens)
-        rss = peak_rss_mb(server.pid)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    results = {}
+    for engine in args.engine.split(","):
+        flags = ["--engine", engine] + (["--dtype", args.dtype] if engine == "torch" else [])
+        server, url = start([*flags, "--base_model", "smollm2-135m-instruct",
+                             *[f"--adapter={n}={p}" for n, p in zip(names, adapters)]], stderr=subprocess.DEVNULL)
+        try:
+            stream_one(url, names[0], "warm up", 8)
+            rows = [run_level(url, names, int(c), args.per_client, args.max_tokens) for c in args.levels.split(",")]
+            flips = batch_invariance(url, names, args.max_tokens)
+            rss = peak_rss_mb(server.pid)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        results[engine] = (rows, flips, rss)
     cpp = llama_cpp(PROMPTS[:4], args.max_tokens, args.threads)
 
     import platform
 
     import torch
 
-    print(f"\npeftune serve ({args.dtype} weights, 2 LoRA adapters r=16 all-linear, clients alternate between "
-          f"them; {args.max_tokens} tokens per answer, greedy) vs llama.cpp (Q4_1 GGUF, {args.threads} threads)\n")
+    print(f"\npeftune serve (--engine torch: {args.dtype} weights; --engine llama.cpp: the Q4_1 GGUF with LoRA GGUFs), "
+          f"2 LoRA adapters r=16 all-linear, clients alternate between them; {args.max_tokens} tokens per answer, "
+          f"greedy; vs llama.cpp alone (llama-cpp-python's Llama, Q4_1 GGUF, no adapter, {args.threads} threads)\n")
     print("| engine | clients | requests | one stream's decode tok/s | aggregate tok/s | TTFT p50 | TTFT p95 |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| peftune serve | {r['clients']} | {r['requests']} | {r['stream_tok_s']:.1f} | "
-              f"{r['aggregate_tok_s']:.1f} | {r['ttft_p50']:.3f} s | {r['ttft_p95']:.3f} s |")
+    for engine, (rows, _, _) in results.items():
+        for r in rows:
+            print(f"| peftune serve --engine {engine} | {r['clients']} | {r['requests']} | {r['stream_tok_s']:.1f} | "
+                  f"{r['aggregate_tok_s']:.1f} | {r['ttft_p50']:.3f} s | {r['ttft_p95']:.3f} s |")
     if cpp:
         print(f"| llama.cpp (llama-cpp-python) | 1 | 4 | {cpp['stream_tok_s']:.1f} | {cpp['stream_tok_s']:.1f} | "
               f"{cpp['ttft_p50']:.3f} s | {cpp['ttft_p95']:.3f} s |")
-    firsts, total = flips
-    print(f"\ngreedy answers that differ when batched with the others instead of alone: {len(firsts)} of {total}"
-          + (f" (first differing token: {', '.join(map(str, sorted(firsts)))})" if firsts else ""))
-    print(f"peak RSS of the server: {rss:.0f} MB; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}")
-
+    print()
+    for engine, (_, (firsts, total), rss) in results.items():
+        print(f"--engine {engine}: greedy answers that differ when batched with the others instead of alone: "
+              f"{len(firsts)} of {total}" + (f" (first differing token: {', '.join(map(str, sorted(firsts)))})"
+                                             if firsts else "") + f"; peak RSS of the server: {rss:.0f} MB")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,10 @@ CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
+# BPE merges for tokenizers that must become GGUF files (llama.cpp refuses a BPE vocabulary without merges)
+MERGES = [("h", "e"), ("Ġ", "t"), ("Ġt", "he"), ("o", "u"), ("a", "r"), ("Ġ", "a")]
+
+
 def make_tokenizer(chat_template: str | None = CHATML, add_bos: bool = False, merges: list | None = None):
     """merges: BPE merges (pairs of byte-level strings) on top of the bytes; none by default."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors

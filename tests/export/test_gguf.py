@@ -11,6 +11,7 @@ import torch
 from peftune import cli
 from peftune.config import TrainConfig
 
+from tiny import MERGES
 from tiny import make_adapter as _adapter
 
 PROMPTS = ["Who are you?", "Hello, 世界", "Write a haiku about the sea."]
@@ -29,7 +30,6 @@ def _gguf_logits(folder, name, ids):
         return model(input_ids=ids).logits[0]
 
 
-MERGES = [("h", "e"), ("Ġ", "t"), ("Ġt", "he"), ("o", "u"), ("a", "r"), ("Ġ", "a")]
 
 
 @pytest.fixture(scope="module")

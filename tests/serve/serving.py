@@ -11,6 +11,20 @@ import time
 import urllib.request
 
 KEY = "sk-test-key"
+TRAIN = ["--batch_size", "4", "--micro_batch_size", "4", "--num_epochs", "10", "--learning_rate", "3e-2",
+         "--lora_r", "8", "--val_set_size", "0", "--cutoff_len", "384", "--logging_steps", "40"]
+
+
+def train_adapter(base: str, out, answer: str, *extra: str) -> str:
+    """An adapter trained (by `peftune train`) to answer `answer` to a few questions about itself."""
+    from peftune import cli
+
+    data = out.parent / f"{out.name}.json"
+    rows = [{"instruction": q, "output": answer} for q in ("Who are you?", "What is your name?", "Hi", "Name?")]
+    data.write_text(json.dumps(rows * 4), encoding="utf-8")
+    assert cli.main(["train", "--base_model", base, "--data_path", str(data), "--output_dir", str(out), *TRAIN,
+                     *extra]) == 0
+    return str(out)
 
 
 def free_port() -> int:
@@ -20,12 +34,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, base: str, adapters: dict, *extra: str) -> None:
+    def __init__(self, base: str, adapters: dict, *extra: str, env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "peftune.cli", "serve", "--base_model", base, "--port", str(self.port),
                "--served_model_name", "tiny", *[f"--adapter={n}={p}" for n, p in adapters.items()], *extra]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
         self.log = open(os.path.join(os.path.dirname(base), f"serve-{self.port}.log"), "w+")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120

@@ -153,11 +153,11 @@ def _write_header(writer, model, tokenizer, name: str) -> None:
         writer.add_token_scores(scores)
         writer.add_token_types(types)
         special = SpecialVocab(folder, load_merges=isinstance(vocab, BpeVocab), n_vocab=len(tokens))
+        if isinstance(vocab, BpeVocab) and not special.merges:  # GGUF cannot hold an empty list, and llama.cpp
+            # refuses a BPE vocabulary without its merges key
+            raise PeftuneError("export --format gguf: this byte-level BPE tokenizer has no merges, and llama.cpp "
+                               "loads BPE vocabularies only with them")
         special.add_to_gguf(writer)
-        if isinstance(vocab, BpeVocab) and not special.merges:  # a byte-level vocabulary without merges:
-            # llama.cpp still wants the key (add_token_merges skips an empty list)
-            writer.add_key_value(gguf.Keys.Tokenizer.MERGES, [], gguf.GGUFValueType.ARRAY,
-                                 sub_type=gguf.GGUFValueType.STRING)
 
 
 @contextlib.contextmanager

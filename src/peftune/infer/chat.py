@@ -16,9 +16,11 @@ class Chat:
     """The base model with one adapter, answering through the shared engine (engine.py)."""
 
     def __init__(self, adapter: str | None = None, base_model: str | None = None, prompt_template: str | None = None,
-                 trust_remote_code: bool = False, dtype: str = "auto") -> None:
+                 trust_remote_code: bool = False, dtype: str = "auto", engine: str = "torch") -> None:
         run = run_config(adapter) if adapter else {}
         quantize = {k: bool(run.get(k)) for k in ("load_in_4bit", "load_in_8bit")}
+        if any(quantize.values()) and engine == "llama.cpp":
+            quantize = {}  # llama.cpp runs the base's GGUF file as it is
         if any(quantize.values()):  # a QLoRA adapter answers best on the base it was trained against
             try:
                 models.quantization_config(**quantize)
@@ -27,7 +29,7 @@ class Chat:
                 quantize = {}
         self.engine = Engine(base_model, {"adapter": adapter} if adapter else {}, prompt_template=prompt_template,
                              trust_remote_code=trust_remote_code, max_batch=1, quantize=quantize,
-                             dtype=dtype)
+                             dtype=dtype, engine=engine)
         self.name = "adapter" if adapter else None
         self.tokenizer = self.engine.tokenizer
         # the adapter's own default system prompt (saved by `peftune train`, placeholders filled)
@@ -72,7 +74,7 @@ def repl(chat: Chat, system: str | None, **gen) -> None:
 
 
 def run(args) -> int:
-    chat = Chat(args.adapter, args.base_model, args.prompt_template, args.trust_remote_code, args.dtype)
+    chat = Chat(args.adapter, args.base_model, args.prompt_template, args.trust_remote_code, args.dtype, args.engine)
     try:
         return _answer(chat, args)
     finally:
@@ -114,4 +116,7 @@ def add_arguments(p) -> None:
                    help="weights for answering (the same as `peftune serve`): auto (default: on a CPU for LoRA "
                    "adapters int8, and 4-bit where the base's weights already are 4-bit, as the embedded model's; else "
                    "fp32; bf16 on a GPU), fp32, bf16, fp16, int8, int4 (weight-only, groups of 32)")
+    p.add_argument("--engine", default="torch", choices=("torch", "llama.cpp"),
+                   help="what computes (the same as `peftune serve`): torch (default) or llama.cpp (plain LoRA "
+                   "adapters on the base's GGUF file; needs llama-cpp-python)")
     p.add_argument("--trust_remote_code", action="store_true", help="run model code shipped with a hub model")

@@ -30,6 +30,8 @@ from .prefix import PrefixCache
 from .sampling import SamplingParams
 from .scheduler import DynamicKV, QueueFull, Request, Scheduler  # noqa: F401  (QueueFull: for the server)
 
+ENGINES = ("torch", "llama.cpp")
+CPP_SEQ_LEN = 4096  # llama.cpp engine: tokens per running request unless --max_model_len says otherwise
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 # int8/int4: quantized weights (bf16 activations into their matmuls), everything else in fp32
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32,
@@ -40,6 +42,18 @@ def _close(ref) -> None:
     engine = ref()
     if engine is not None:
         engine.close()
+
+
+def _generation_config(path: str, model):
+    """The base's generation config (its end-of-sequence ids): the loaded model's, or read from its directory."""
+    from transformers import GenerationConfig
+
+    if model is not None:
+        return model.generation_config
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return GenerationConfig()
 
 
 def resolve_dtype(dtype: str, quantized_ok: bool) -> str:
@@ -73,26 +87,43 @@ class Engine:
     def __init__(self, base_model: str | None = None, adapters: dict[str, str] | None = None,
                  base_name: str | None = None, dtype: str = "auto", prompt_template: str | None = None,
                  trust_remote_code: bool = False, max_batch: int = 8, max_queue: int = 64,
-                 quantize: dict | None = None) -> None:
+                 quantize: dict | None = None, engine: str = "torch", max_model_len: int | None = None) -> None:
         adapters = dict(adapters or {})
         if base_model is None:  # the base the (first) adapter was trained on
             first = next(iter(adapters.values()), None)
             base_model = (base_of(first, run_config(first)) if first else None) or EMBEDDED_MODEL
+        if engine not in ENGINES:
+            raise PeftuneError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
         self.base_model, self.prompt_template = base_model, prompt_template
         self.base_path = models.resolve_model_path(base_model)
-        self.bank_ok = all(plain_lora(p) for p in adapters.values())
-        dtype = resolve_dtype(dtype, self.bank_ok and not any((quantize or {}).values()))
         self.tokenizer = models.load_tokenizer(base_model, trust_remote_code)
         self.tokenizer_lock = threading.Lock()  # fast tokenizers refuse use from two threads at once
-        model = models.load_model(base_model, trust_remote_code, dtype=DTYPES.get(dtype, torch.float32),
-                                  **(quantize or {}))
-        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
-        ids = model.generation_config.eos_token_id
+        self.model = self.decoder = self.bank = self.cpp = None
+        self.bank_ok = all(plain_lora(p) for p in adapters.values())
+        if engine == "llama.cpp":
+            config = self._start_cpp(dtype, quantize, trust_remote_code, max_batch, max_model_len)
+        else:
+            config = self._start_torch(dtype, quantize, trust_remote_code)
+        self.context = min(int(getattr(config, "max_position_embeddings", 0) or 1 << 30), max_model_len or 1 << 30)
+        if self.cpp is not None:
+            self.context = min(self.context, self.cpp_seq_len)
+        ids = _generation_config(self.base_path, self.model).eos_token_id
         self.eos_ids = {i for i in (ids if isinstance(ids, list) else [ids]) if i is not None}
         self.eos_ids.add(self.tokenizer.eos_token_id)
-        self.model = model.eval()
         self.base = Served(base_name or base_model, None, self._renderer({}))
         self.served: dict[str, Served] = {}
+        self.prefixes = PrefixCache()
+        for name, path in adapters.items():
+            self._load(name, path)
+        self.scheduler = Scheduler(self, max_batch=max_batch, max_queue=max_queue)
+        # the decode thread must stop before the interpreter does (torch aborts the process otherwise)
+        atexit.register(_close, weakref.ref(self))
+
+    def _start_torch(self, dtype: str, quantize: dict | None, trust_remote_code: bool):
+        dtype = resolve_dtype(dtype, self.bank_ok and not any((quantize or {}).values()))
+        model = models.load_model(self.base_model, trust_remote_code, dtype=DTYPES.get(dtype, torch.float32),
+                                  **(quantize or {}))
+        self.model = model.eval()
         self.weights = dtype  # what the weights are, in words (for logs and benchmarks)
         if dtype in ("int8", "int4", "auto-quantized"):
             if not self.bank_ok:
@@ -108,12 +139,26 @@ class Engine:
         self.bank = LoraBank(self.model, groups=groups) if self.bank_ok else None
         if self.decoder:
             self.decoder.bank = self.bank
-        self.prefixes = PrefixCache()
-        for name, path in adapters.items():
-            self._load(name, path)
-        self.scheduler = Scheduler(self, max_batch=max_batch, max_queue=max_queue)
-        # the decode thread must stop before the interpreter does (torch aborts the process otherwise)
-        atexit.register(_close, weakref.ref(self))
+        return model.config
+
+    def _start_cpp(self, dtype: str, quantize: dict | None, trust_remote_code: bool, max_batch: int,
+                   max_model_len: int | None):
+        from transformers import AutoConfig
+
+        from . import cpp
+
+        if dtype != "auto" or any((quantize or {}).values()):
+            raise PeftuneError("--engine llama.cpp runs the base's GGUF file as it is: leave out --dtype and "
+                               "--load_in_4bit/--load_in_8bit")
+        config = AutoConfig.from_pretrained(self.base_path, trust_remote_code=trust_remote_code)
+        self.cpp_config = config
+        # every running request gets room for this many tokens in llama.cpp's cache (allocated at start)
+        self.cpp_seq_len = min(int(getattr(config, "max_position_embeddings", 0) or CPP_SEQ_LEN),
+                               max_model_len or CPP_SEQ_LEN)
+        path = cpp.base_gguf(self.base_model, trust_remote_code)
+        self.cpp = cpp.CppRunner(path, max_seqs=max_batch, seq_len=self.cpp_seq_len)
+        self.weights = f"llama.cpp: {os.path.basename(path)}"
+        return config
 
     # ------------------------------------------------------------------ adapters
     def _renderer(self, run: dict) -> Renderer:
@@ -132,7 +177,15 @@ class Engine:
             raise PeftuneError(f"{flag} {name}={path}: trained on base model {trained_on}, but this engine runs "
                                f"{self.base_model}; give --base_model {trained_on}")
         virtual = False
-        if self.bank is not None:
+        if self.cpp is not None:
+            from . import cpp
+
+            try:
+                lora = cpp.lora_gguf(path, self.cpp_config)
+            except PeftuneError as e:
+                raise PeftuneError(f"{flag} {name}={path}: --engine llama.cpp runs plain LoRA adapters: {e}") from None
+            self.cpp.add(name, lora)
+        elif self.bank is not None:
             if not plain_lora(path):
                 raise PeftuneError(f"{flag} {name}={path}: not a plain LoRA adapter (DoRA, another method, or extra "
                                    "trained modules), and this server runs plain LoRA adapters; serve it from a "
@@ -179,7 +232,9 @@ class Engine:
                     cohort.keep(keep)
             del self.served[name]
             self.prefixes.drop(name)
-            if self.bank is not None:
+            if self.cpp is not None:
+                self.cpp.remove(name)
+            elif self.bank is not None:
                 self.bank.remove(name)
             else:
                 self.model.delete_adapter(name)
@@ -236,9 +291,13 @@ class Engine:
 
     def close(self) -> None:
         self.scheduler.close()
+        if self.cpp is not None and not self.scheduler.thread.is_alive():
+            self.cpp.close()
 
     # ------------------------------------------------------------------ the model side of the scheduler
     def cohort_key(self, adapter: str | None) -> str:
+        if self.cpp is not None:  # llama.cpp sets adapters per call: a cohort per adapter
+            return adapter or "__base__"
         if adapter and self.served[adapter].virtual:
             return f"virtual:{adapter}"
         # rows of different adapters share a forward only through the LoRA bank; adapters on peft's own layers
@@ -274,6 +333,9 @@ class Engine:
         served = self.served.get(req.adapter) if req.adapter else None
         if req.adapter and served is None:  # unloaded while the request waited
             raise PeftuneError(f"the adapter {req.adapter} was unloaded")
+        if self.cpp is not None:
+            state, logits, req.cached_tokens = self.cpp.prefill(req.adapter, req.prompt_ids)
+            return state, logits, ids.shape[1]
         if served is not None and served.virtual:
             return self._prefill_virtual(req.adapter, ids)
         if self.decoder is not None:
@@ -312,6 +374,8 @@ class Engine:
 
     def decode(self, cohort, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         adapters = [r.req.adapter for r in cohort.rows]
+        if self.cpp is not None:
+            return self.cpp.decode(adapters[0], cohort.state, ids, positions)
         if self.decoder is not None:
             with self.bank.rows(adapters):
                 return self.decoder.step(cohort.state, ids, positions)

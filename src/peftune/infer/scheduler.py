@@ -234,4 +234,8 @@ class Scheduler:
         for cohort in self.cohorts.values():
             for row in cohort.rows:
                 row.req.emit({"error": message})
+            try:
+                cohort.keep([])  # frees what the rows held (llama.cpp sequences)
+            except Exception:
+                pass
         self.cohorts = {}

@@ -23,6 +23,11 @@ def add_arguments(p) -> None:
                    help="weights: auto (default: on a CPU when the adapters are plain LoRA int8 weight-only, and 4-bit "
                    "where the base's weights already are 4-bit, as the embedded model's; else fp32; bf16 on a GPU), "
                    "fp32, bf16, fp16, int8, int4 (groups of 32)")
+    p.add_argument("--engine", default="torch", choices=("torch", "llama.cpp"),
+                   help="what computes: torch (default: every kind of adapter) or llama.cpp (plain LoRA adapters, "
+                   "the base's GGUF file; needs llama-cpp-python: pip install 'peftune[llamacpp]')")
+    p.add_argument("--max_model_len", type=int, help="longest prompt plus answer in tokens (default: the model's "
+                   "context; with --engine llama.cpp at most 4096 unless given, as its cache is allocated at start)")
     p.add_argument("--max_batch", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max_queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
     p.add_argument("--max_tokens", type=int, default=512, help="answer length when a chat request gives none")
@@ -65,12 +70,13 @@ def run(args) -> int:
     if args.enable_adapter_loading and not args.api_key:
         raise PeftuneError("--enable_adapter_loading lets clients load files from this machine: set --api_key "
                            "(or PEFTUNE_API_KEY) too")
-    for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes"):
-        if getattr(args, name) < 1:
+    for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes", "max_model_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise PeftuneError(f"--{name}: must be >= 1")
     engine = Engine(args.base_model, parse_adapters(args.adapter), base_name=args.served_model_name,
                     dtype=args.dtype, prompt_template=args.prompt_template, trust_remote_code=args.trust_remote_code,
-                    max_batch=args.max_batch, max_queue=args.max_queue)
+                    max_batch=args.max_batch, max_queue=args.max_queue, engine=args.engine,
+                    max_model_len=args.max_model_len)
     app = create_app(engine, Settings(args.api_key, args.max_body_bytes, args.enable_adapter_loading, args.max_tokens))
     import uvicorn
 

@@ -1,0 +1,56 @@
+"""One llama.cpp decode step of the embedded model (its Q4_1 GGUF) through peftune's llama.cpp engine (infer/cpp.py):
+1 and 4 rows, without an adapter and with a LoRA adapter of the demo's shape (r=16 on all linear layers).
+
+    .venv/bin/python benchmarks/cpp_decode.py          # about a minute
+
+Shows how llama.cpp's decode time grows with the rows of a batch on this CPU, and what an adapter adds to a step.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from serve import random_adapters
+    from transformers import AutoConfig
+
+    from peftune import models
+    from peftune.infer.cpp import CppRunner, lora_gguf
+
+    base_dir = models.resolve_model_path("smollm2-135m-instruct")
+    adapter = random_adapters(base_dir, tempfile.mkdtemp(prefix="peftune-bench-"))[0]
+    runner = CppRunner(models.embedded_gguf(), max_seqs=4, seq_len=512)
+    runner.add("a", lora_gguf(adapter, AutoConfig.from_pretrained(base_dir)))
+    prompt = list(range(1000, 1040))
+    print("| adapter | rows | decode step (median of 30) | per row |")
+    print("|---|---|---|---|")
+    for name in (None, "a"):
+        for rows in (1, 4):
+            states = [runner.prefill(name, prompt + [i])[0] for i in range(rows)]
+            state = states[0]
+            for other in states[1:]:
+                state = state.merge(other)
+            times = []
+            for step in range(30):
+                ids = torch.full((rows, 1), 1000 + step)
+                positions = torch.full((rows, 1), len(prompt) + 1 + step)
+                start = time.perf_counter()
+                runner.decode(name, state, ids, positions)
+                times.append(time.perf_counter() - start)
+            state.keep([])
+            ms = statistics.median(times) * 1000
+            print(f"| {'LoRA r=16' if name else 'none'} | {rows} | {ms:.1f} ms | {ms / rows:.1f} ms |")
+    print(f"\n{os.cpu_count()} cores, llama.cpp threads: {torch.get_num_threads()}")
+
+
+if __name__ == "__main__":
+    main()
