@@ -21,6 +21,8 @@ commands:
   export ADAPTER_DIR --format gguf --output_dir DIR
                                           the merged model as one GGUF file and an Ollama Modelfile, for llama.cpp
                                           and Ollama (peftune export --help)
+  eval --adapter DIR --output_dir R       what the adapter learned and what it forgot, base against tuned: a
+                                          report with intervals and a chart (peftune eval --help)
   data inspect CONFIG.yaml|FILE... [opts] validate and tokenize data as training would, and report
                                           (peftune data inspect --help)
   docs [FILE]                             write the config reference (docs/config.md)
@@ -160,6 +162,14 @@ def _inspect_options(rest: list[str]) -> tuple[dict, list[str], dict]:
     return opts, passthrough, columns
 
 
+def cmd_eval(argv: list[str]) -> int:
+    from .eval import run
+
+    return _verb(run, "peftune eval", "What an adapter learned (its target rows) and what it forgot (a general "
+                 "probe against the base's own answers, multiple-choice tasks), base against tuned, and the adapter "
+                 "scaled from 0 to 1.", argv)
+
+
 def cmd_serve(argv: list[str]) -> int:
     from . import serve
 
@@ -224,7 +234,7 @@ def cmd_docs(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve, "merge": cmd_merge, "export": cmd_export,
+COMMANDS = {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve, "merge": cmd_merge, "export": cmd_export, "eval": cmd_eval,
             "data": cmd_data, "docs": cmd_docs}
 
 

@@ -55,17 +55,20 @@ def causal_lm_parts(model):
 
 def forward_loss_sum(model, batch: dict) -> torch.Tensor:
     """Runs the body without the full logits, then the chunked loss on labelled positions."""
-    body, head = causal_lm_parts(model)
+    return lm_loss_sum(final_hidden(model, batch), causal_lm_parts(model)[1], batch["targets"])
+
+
+def final_hidden(model, batch: dict) -> torch.Tensor:
+    """The last layer's hidden states [batch, tokens, d] of a batch, without computing any logits."""
+    body, _ = causal_lm_parts(model)
     if has_virtual_tokens(model):
         # prefix/prompt/p-tuning: peft's own forward inserts the virtual tokens (or the prefix cache); it is asked for
         # the final hidden states and only one position of logits. Prompt tuning prepends positions: keep the last T.
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
                     logits_to_keep=1)
-        hidden = out.hidden_states[-1][:, -batch["input_ids"].shape[1]:]
-    else:
-        kwargs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-        hidden = body(**kwargs, use_cache=False).last_hidden_state
-    return lm_loss_sum(hidden, head, batch["targets"])
+        return out.hidden_states[-1][:, -batch["input_ids"].shape[1]:]
+    kwargs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    return body(**kwargs, use_cache=False).last_hidden_state
 
 
 def accumulate_step(model, micro_batches: list[list[dict]], collate, backward, forward_context=None,
