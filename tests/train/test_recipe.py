@@ -20,7 +20,9 @@ def test_train_save_load_chat(tiny_model_dir, data_file, tmp_path, capsys):
     out = tmp_path / "run"
     assert train(tiny_model_dir, data_file, out) == 0
     assert sorted(f for f in os.listdir(out) if not f.startswith(".")) == [
-        "adapter_config.json", "adapter_model.safetensors", "checkpoints", "config.yaml", "metrics.jsonl"]
+        "adapter_config.json", "adapter_model.safetensors", "checkpoints", "config.yaml", "curves.png",
+        "metrics.jsonl"]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "trainable parameters:" in printed and "the base model is" in printed
 

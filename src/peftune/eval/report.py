@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections import Counter
 
 import numpy as np
 
@@ -39,6 +41,19 @@ def mc_correct(questions: list[dict], samples: list[dict], owner: list[int], sco
     return out
 
 
+WORDS = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|[^\W_]+")  # a CJK character, or a word
+
+
+def overlap_f1(answer: str, reference: str) -> float:
+    """SQuAD's token F1 between an answer and its reference (words, and CJK characters one by one)."""
+    a, r = Counter(WORDS.findall(answer.lower())), Counter(WORDS.findall(reference.lower()))
+    common = sum((a & r).values())
+    if not common:
+        return 0.0
+    precision, recall = common / sum(a.values()), common / sum(r.values())
+    return 2 * precision * recall / (precision + recall)
+
+
 def _ratio(num: np.ndarray, den: np.ndarray):
     return lambda idx: float(num[idx].sum() / max(den[idx].sum(), 1))
 
@@ -54,6 +69,7 @@ def summarize(result: dict) -> dict:
         base, tuned = np.array(s.nll[0.0]), np.array(s.nll[1.0])
         exact = {k: [a[k].strip() == a["reference"].strip() for a in t["answers"]] for k in ("base", "tuned")}
         contains = {k: [a["reference"].strip().lower() in a[k].lower() for a in t["answers"]] for k in ("base", "tuned")}
+        f1 = {k: np.array([overlap_f1(a[k], a["reference"]) for a in t["answers"]]) for k in ("base", "tuned")}
         out["target"] = {
             "rows": t["rows"], "tokens": int(tok.sum()),
             "loss_base": s.per_token("nll", 0.0), "loss_tuned": s.per_token("nll", 1.0),
@@ -63,6 +79,8 @@ def summarize(result: dict) -> dict:
             "contains_base": float(np.mean(contains["base"])), "contains_tuned": float(np.mean(contains["tuned"])),
             "contains_change_95": interval(lambda i: float(np.mean(np.array(contains["tuned"])[i])
                                                            - np.mean(np.array(contains["base"])[i])), len(tok)),
+            "f1_base": float(f1["base"].mean()), "f1_tuned": float(f1["tuned"].mean()),
+            "f1_change_95": interval(lambda i: float(f1["tuned"][i].mean() - f1["base"][i].mean()), len(f1["base"])),
             "answers": t["answers"][:8],
         }
     else:
@@ -114,7 +132,9 @@ def markdown(r: dict) -> str:
                   f"{t['loss_tuned']:.4f} | {_pm(t['loss_change'], t['loss_change_95'])} |",
                   f"| greedy answer equals the reference | {t['exact_base']:.0%} | {t['exact_tuned']:.0%} | |",
                   f"| greedy answer contains the reference | {t['contains_base']:.0%} | {t['contains_tuned']:.0%} | "
-                  f"{_pm(t['contains_tuned'] - t['contains_base'], t['contains_change_95'], '{:+.0%}')} |"]
+                  f"{_pm(t['contains_tuned'] - t['contains_base'], t['contains_change_95'], '{:+.0%}')} |",
+                  f"| word overlap with the reference (token F1; CJK by character) | {t['f1_base']:.3f} | "
+                  f"{t['f1_tuned']:.3f} | {_pm(t['f1_tuned'] - t['f1_base'], t['f1_change_95'])} |"]
     else:
         lines.append(t["note"])
     p = r["probe"]
@@ -187,8 +207,8 @@ def summary_line(r: dict, out: str) -> str:
     t, p = r["target"], r["probe"]
     if t.get("rows"):
         parts.append(f"target loss {t['loss_base']:.3f} -> {t['loss_tuned']:.3f} "
-                     f"({_pm(t['loss_change'], t['loss_change_95'])}), contains reference "
-                     f"{t['contains_base']:.0%} -> {t['contains_tuned']:.0%};")
+                     f"({_pm(t['loss_change'], t['loss_change_95'])}), answer F1 {t['f1_base']:.2f} -> "
+                     f"{t['f1_tuned']:.2f}, contains reference {t['contains_base']:.0%} -> {t['contains_tuned']:.0%};")
     parts.append(f"probe KL {p['kl']:.4f}/token, answers unchanged {p['unchanged']:.0%}, loss on base answers "
                  f"{p['loss_change']:+.3f};")
     for task, c in r["choice"].items():

@@ -254,8 +254,9 @@ def add_arguments(p) -> None:
     p.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], default=list(sets.DEFAULT_TASKS),
                    help=f"multiple-choice tasks, comma-separated (default {','.join(sets.DEFAULT_TASKS)}; "
                    f"also {', '.join(t for t in sets.TASKS if t not in sets.DEFAULT_TASKS)}; none)")
-    p.add_argument("--scales", type=_floats, default=[0.0, 0.25, 0.5, 1.0],
-                   help="adapter scales of the learning-vs-forgetting sweep (default 0,0.25,0.5,1)")
+    p.add_argument("--scales", type=_floats, default=[0.0, 0.5, 1.0],
+                   help="adapter scales of the learning-vs-forgetting sweep (default 0,0.5,1; each costs a pass over "
+                   "the target rows and the probe)")
     p.add_argument("--max_new_tokens", type=int, default=24, help="length of the greedy answers (default 24)")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --output_dir")
     p.add_argument("--trust_remote_code", action="store_true", help="run model code shipped with a hub model")

@@ -57,8 +57,9 @@ def score(model, samples: list[dict], scales: list[float], pad_id: int, micro_ba
     out = Scores(nll={s: [] for s in scales}, kl={s: [] for s in scales})
     head = causal_lm_parts(model)[1]
     model.eval()
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))  # little padding per batch
     for start in range(0, len(samples), micro_batch):
-        chunk = samples[start: start + micro_batch]
+        chunk = [samples[i] for i in order[start: start + micro_batch]]
         batch = collate_padded(chunk, pad_id)
         keep = batch["targets"] != IGNORE
         owner = keep.nonzero()[:, 0]  # the sample of each scored position
@@ -84,4 +85,9 @@ def score(model, samples: list[dict], scales: list[float], pad_id: int, micro_ba
                 getattr(out, what)[s] += sums.tolist()
         if progress:
             progress(len(chunk))
+    back = sorted(range(len(samples)), key=order.__getitem__)  # position of each sample in the sorted order
+    out.tokens = [out.tokens[k] for k in back]
+    for table in (out.nll, out.kl):
+        for s in table:
+            table[s] = [table[s][k] for k in back]
     return out

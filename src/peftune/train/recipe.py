@@ -27,13 +27,13 @@ from ..data.render import Renderer, get_template
 from ..data.sources import add_system_prompt, apply_weights, load_rows, system_prompt
 from ..errors import PeftuneError, TrainingInterrupted
 from ..io import atomic_write_text
-from . import checkpoint, faults
+from . import checkpoint, curves, faults
 from .attention import use_packed_attention
 from .guards import StopRequest, finite, return_large_buffers_to_os
 from .loss import accumulate_step, forward_loss_sum
 from .metrics import MetricsLog, progress
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "adapter_config.json", "adapter_model.safetensors", "checkpoints",
+RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "adapter_config.json", "adapter_model.safetensors", "checkpoints",
              "initial-adapter")
 
 
@@ -347,6 +347,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
         result["adapter_bytes"] = os.path.getsize(path)
         adapter.close()
         log.close()
+        curves.plot(metrics_path, os.path.join(cfg.output_dir, "curves.png"))
         say(f"adapter: {cfg.output_dir} ({adapters.human_bytes(result['adapter_bytes'])}; the base model is "
             f"{adapters.human_bytes(base_bytes)}, {base_bytes / result['adapter_bytes']:.0f}x larger)")
         say(f"trained {tokens:,} tokens in {train_time - counters['eval_s']:.1f} s ({result['tokens_per_s']:.0f} "
