@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .errors import PeftuneError
+
+# report_to's trackers (Accelerate's names) -> the packages that provide them (the first is the one to install)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",)}
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion", "text")
@@ -168,10 +172,27 @@ class TrainConfig:
     # --- logging and evaluation ---
     eval_steps: int = _f(50, "Evaluate the validation loss every this many optimizer steps (and at the end).")
     logging_steps: int = _f(5, "Write a metrics.jsonl line every this many optimizer steps.")
-    report_to: str = _f("none", "Also send metrics to a tracker: `none`, `tensorboard`, `wandb`, … (via Accelerate).")
+    report_to: str = _f("none", "Also send metrics to trackers (via Accelerate), comma-separated: `none`, "
+                        "`tensorboard` (event files under output_dir/runs), `mlflow` (a local output_dir/mlruns unless "
+                        "MLFLOW_TRACKING_URI is set), `wandb` (offline under output_dir unless WANDB_MODE is set). "
+                        "The tracker's package must be installed.")
     trust_remote_code: bool = _f(False, "Run model code shipped with a hub model (off unless you trust it).")
 
     # ---------------------------------------------------------------- validation
+    def trackers(self) -> list[str]:
+        return [t.strip() for t in self.report_to.split(",") if t.strip() and t.strip() != "none"]
+
+    def check_trackers(self) -> None:
+        """Each report_to tracker is known and its package installed (Accelerate only warns, and reports nothing)."""
+        for tracker in self.trackers():
+            if tracker not in TRACKERS:
+                raise PeftuneError(f"report_to: {tracker!r} is not a tracker; use none or some of "
+                                   f"{', '.join(TRACKERS)}" + _suggest(tracker, TRACKERS))
+            if not any(importlib.util.find_spec(m) for m in TRACKERS[tracker]):
+                raise PeftuneError(f"report_to {tracker}: the package {TRACKERS[tracker][0]} is not installed "
+                                   f"(pip install {TRACKERS[tracker][0]}), so nothing would be reported; install it "
+                                   "or set report_to: none")
+
     def validate(self, num_processes: int = 1) -> None:
         if not self.data_path:
             raise PeftuneError("data_path: give at least one data file (e.g. `--data_path data/alpaca_en_demo.json`)")
@@ -208,6 +229,7 @@ class TrainConfig:
             owners = "; ".join(f"{f.name} is for {', '.join(f.metadata['methods'])}" for f in foreign)
             raise PeftuneError(f"{', '.join(f.name for f in foreign)}: not used by peft_method {self.peft_method} "
                                f"({owners}); remove {'it' if len(foreign) == 1 else 'them'} or choose that method")
+        self.check_trackers()
         if self.adalora_target_r > self.adalora_init_r:
             raise PeftuneError(f"adalora_target_r ({self.adalora_target_r}) cannot exceed adalora_init_r "
                                f"({self.adalora_init_r}): AdaLoRA only prunes ranks")

@@ -33,8 +33,8 @@ from .guards import StopRequest, finite, return_large_buffers_to_os
 from .loss import accumulate_step, forward_loss_sum
 from .metrics import MetricsLog, progress
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "adapter_config.json", "adapter_model.safetensors", "checkpoints",
-             "initial-adapter")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "runs", "mlruns", "wandb", "adapter_config.json",
+             "adapter_model.safetensors", "checkpoints", "initial-adapter")
 
 
 def split_validation(rows: list, val_set_size: float, seed: int) -> tuple[list, list]:
@@ -140,7 +140,15 @@ def make_accelerator(cfg: TrainConfig):
         # Accelerate keeps one process-wide state and refuses a second run (a notebook, the tests) with another
         # precision; it offers no public reset, so its own reset is called here, single-process only.
         AcceleratorState._reset_state(reset_partial_state=True)
-    return precision, Accelerator(mixed_precision=precision, log_with=None if cfg.report_to == "none" else cfg.report_to)
+    cfg.check_trackers()  # before Accelerate sees them: it only warns about a missing one
+    trackers = cfg.trackers()
+    if "wandb" in trackers:  # offline and inside the run unless the user set otherwise
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_DIR", cfg.output_dir)
+    if "mlflow" in trackers:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", "file:" + os.path.join(os.path.abspath(cfg.output_dir), "mlruns"))
+    return precision, Accelerator(mixed_precision=precision, log_with=trackers or None,
+                                  project_dir=os.path.join(cfg.output_dir, "runs") if trackers else None)
 
 
 def training_rate(counters: dict) -> float:
@@ -272,8 +280,12 @@ def train(cfg: TrainConfig, say=print) -> dict:
                 f"it continues at lr {lr:.3g}")
     counters["planned_steps"] = steps
     log = MetricsLog(metrics_path, accelerator) if main else None
-    if cfg.report_to != "none":
-        accelerator.init_trackers("peftune", config={k: str(v) for k, v in cfg.to_dict().items()})
+    if cfg.trackers():
+        accelerator.init_trackers(os.path.basename(os.path.abspath(cfg.output_dir)),
+                                  config={k: str(v) for k, v in cfg.to_dict().items()})
+        say(f"reporting to {', '.join(cfg.trackers())}" + (f" (TensorBoard: tensorboard --logdir "
+                                                           f"{os.path.join(cfg.output_dir, 'runs')})"
+                                                           if "tensorboard" in cfg.trackers() else ""))
     bar = progress(steps, initial=counters["step"], disable=not main)
     start = time.perf_counter() - counters["elapsed"]
     stop = StopRequest()
