@@ -3,18 +3,13 @@ the official openai client (as llama.cpp's server tests do)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from serving import KEY, Server, train_adapter
+from serving import KEY, Server, train_alpha_and_beta
+
 
 @pytest.fixture(scope="session")
 def adapters(tiny_model_dir, tmp_path_factory):
-    """alpha: trained with its own system prompt; beta: trained with the alpaca template (not the base's chat one)."""
-    root = tmp_path_factory.mktemp("adapters")
-    return {"alpha": train_adapter(tiny_model_dir, root / "alpha", "I am alpha, the first.", "--system_prompt",
-                            "You are alpha."),
-            "beta": train_adapter(tiny_model_dir, root / "beta", "beta here!", "--prompt_template", "alpaca")}
+    return train_alpha_and_beta(tiny_model_dir, tmp_path_factory.mktemp("adapters"))
 
 
 @pytest.fixture(scope="session")

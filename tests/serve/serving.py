@@ -15,6 +15,12 @@ TRAIN = ["--batch_size", "4", "--micro_batch_size", "4", "--num_epochs", "10", "
          "--lora_r", "8", "--val_set_size", "0", "--cutoff_len", "384", "--logging_steps", "40"]
 
 
+def train_alpha_and_beta(base: str, root) -> dict:
+    """alpha: trained with its own system prompt; beta: trained with the alpaca template (not the base's chat one)."""
+    return {"alpha": train_adapter(base, root / "alpha", "I am alpha, the first.", "--system_prompt", "You are alpha."),
+            "beta": train_adapter(base, root / "beta", "beta here!", "--prompt_template", "alpaca")}
+
+
 def train_adapter(base: str, out, answer: str, *extra: str) -> str:
     """An adapter trained (by `peftune train`) to answer `answer` to a few questions about itself."""
     from peftune import cli

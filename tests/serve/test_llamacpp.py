@@ -7,7 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serving import KEY, Server, ask, train_adapter
+from serving import KEY, Server, ask, train_alpha_and_beta
 
 from peftune import cli
 
@@ -22,10 +22,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapters(tiny_bpe_model_dir, tmp_path_factory):
     """As the other serve tests' (conftest.py), on the tiny base whose tokenizer can be written as GGUF."""
-    root = tmp_path_factory.mktemp("bpe-adapters")
-    return {"alpha": train_adapter(tiny_bpe_model_dir, root / "alpha", "I am alpha, the first.", "--system_prompt",
-                                   "You are alpha."),
-            "beta": train_adapter(tiny_bpe_model_dir, root / "beta", "beta here!", "--prompt_template", "alpaca")}
+    return train_alpha_and_beta(tiny_bpe_model_dir, tmp_path_factory.mktemp("bpe-adapters"))
 
 
 @pytest.fixture(scope="module")
