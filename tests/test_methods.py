@@ -60,7 +60,8 @@ def test_method_trains_saves_reloads_and_chats(name, tiny_model_dir, data_file, 
     printed = capsys.readouterr().out
     assert ("cannot be packed" in printed) == (name in ("prefix_tuning", "prompt_tuning", "p_tuning"))
     assert sorted(f for f in os.listdir(out) if not f.startswith(".")) == [
-        "adapter_config.json", "adapter_model.safetensors", "checkpoints", "config.yaml", "metrics.jsonl"]
+        "adapter_config.json", "adapter_model.safetensors", "checkpoints", "config.yaml", "curves.png",
+        "metrics.jsonl"]
     config = json.load(open(out / "adapter_config.json"))
     assert config["peft_type"] == peft_type
     assert load_file(out / "adapter_model.safetensors")

@@ -140,6 +140,7 @@ def test_the_prompt_sets_are_disjoint_from_each_other_and_from_the_demo():
     ([], "give --adapter DIR"),
     (["--base_model", "X", "--tasks", "nope"], "--tasks nope"),
     (["--base_model", "X", "--scales", "0,2"], "--scales"),
+    (["--base_model", "X", "--probe_limit", "0"], "--probe_limit: must be >= 1"),
 ])
 def test_bad_arguments_exit_2(argv, needle, tmp_path, capsys):
     assert cli.main(["eval", *argv, "--output_dir", str(tmp_path / "r")]) == 2

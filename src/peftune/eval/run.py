@@ -138,6 +138,9 @@ def evaluate(args) -> dict:
     base_model = args.base_model or (base_of(adapter, run) if adapter else None)
     if not base_model:
         raise PeftuneError("eval: give --adapter DIR (a trained adapter) or --base_model M (the base alone)")
+    for flag in ("limit", "probe_limit", "mc_limit", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise PeftuneError(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
     scales = sorted({0.0, 1.0, *args.scales})
     if any(not 0 <= s <= 1 for s in scales):
         raise PeftuneError(f"--scales: each must be in [0, 1], got {args.scales}")
