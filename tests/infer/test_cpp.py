@@ -47,6 +47,9 @@ def test_logits_match_peft_with_two_adapters_and_the_base(tiny_bpe_model_dir, to
         a[0].keep([])
         b[0].keep([])
         assert sorted(engine.cpp.free) == [0, 1]
+        with pytest.raises(PeftuneError, match="token ids"):  # not llama.cpp's abort
+            engine.cpp.prefill("a", [1, engine.cpp.vocab])
+        assert sorted(engine.cpp.free) == [0, 1]
     finally:
         engine.close()
 

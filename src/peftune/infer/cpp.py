@@ -234,6 +234,8 @@ class CppRunner:
         if not self.free:
             raise RuntimeError("no free llama.cpp sequence")
         ids = np.asarray(prompt, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):  # llama.cpp would abort the process
+            raise PeftuneError(f"token ids must be in [0, {self.vocab}) for this GGUF's vocabulary")
         seq = self.free.pop()
         try:
             self._use(adapter)
