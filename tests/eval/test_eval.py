@@ -145,6 +145,7 @@ def test_the_prompt_sets_are_disjoint_from_each_other_and_from_the_demo():
 def test_bad_arguments_exit_2(argv, needle, tmp_path, capsys):
     assert cli.main(["eval", *argv, "--output_dir", str(tmp_path / "r")]) == 2
     assert needle in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing written
 
 
 def test_an_existing_report_is_kept_without_overwrite(tiny_model_dir, tmp_path, capsys):

@@ -226,11 +226,16 @@ def run(args) -> int:
     existing = [f for f in report.FILES if os.path.exists(os.path.join(out, f))]
     if existing and not args.overwrite:
         raise PeftuneError(f"--output_dir {out}: {', '.join(existing)} already there; pass --overwrite to replace")
+    parent = out
+    while not os.path.exists(parent):  # checked now, created only once there is a report to write
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise PeftuneError(f"--output_dir {out}: {parent} is not a writable directory")
+    result = evaluate(args)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise PeftuneError(f"--output_dir {out}: cannot create it ({e.strerror})") from None
-    result = evaluate(args)
     summary = report.write(result, out)
     print(summary)
     return 0
