@@ -78,7 +78,8 @@ def summarize(result: dict) -> dict:
             "exact_base": float(np.mean(exact["base"])), "exact_tuned": float(np.mean(exact["tuned"])),
             "contains_base": float(np.mean(contains["base"])), "contains_tuned": float(np.mean(contains["tuned"])),
             "contains_change_95": interval(lambda i: float(np.mean(np.array(contains["tuned"])[i])
-                                                           - np.mean(np.array(contains["base"])[i])), len(tok)),
+                                                           - np.mean(np.array(contains["base"])[i])),
+                                           len(t["answers"])),  # rows (a row past cutoff_len has no loss sample)
             "f1_base": float(f1["base"].mean()), "f1_tuned": float(f1["tuned"].mean()),
             "f1_change_95": interval(lambda i: float(f1["tuned"][i].mean() - f1["base"][i].mean()), len(f1["base"])),
             "answers": t["answers"][:8],
