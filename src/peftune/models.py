@@ -84,6 +84,15 @@ def _embedded_cache_path(path: str) -> bool:
         os.path.basename(os.path.dirname(os.path.normpath(path))) == "models"
 
 
+def files_identity(path: str) -> list:
+    """What identifies a model's files on this machine without reading them: names, sizes and modification times
+    (a directory's files, or the one file)."""
+    if not os.path.isdir(path):
+        return [path] if not os.path.isfile(path) else [(path, os.path.getsize(path), os.path.getmtime(path))]
+    return sorted((f, os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f)))
+                  for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+
+
 def _converted_gguf(gguf_path: str, name: str) -> str:
     st = os.stat(gguf_path)
     key = hashlib.sha256(f"{gguf_path}|{st.st_size}|{int(st.st_mtime)}|{_CONVERSION_VERSION}".encode()).hexdigest()

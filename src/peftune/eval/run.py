@@ -54,16 +54,8 @@ def target_rows(adapter: str | None, data: list[str], limit: int) -> tuple[list[
 
 
 # ---------------------------------------------------------------------- generation
-def _identity(path: str) -> list:
-    """What identifies a base model's weights on this machine: its files' names, sizes and times."""
-    if not os.path.isdir(path):
-        return [path]
-    return sorted((f, os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f)))
-                  for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
-
-
 def answers_cache(base_path: str, prompts: list[list[int]], max_new_tokens: int) -> str:
-    key = hashlib.sha256(json.dumps([ANSWER_CACHE_VERSION, _identity(base_path), prompts, max_new_tokens]).encode())
+    key = hashlib.sha256(json.dumps([ANSWER_CACHE_VERSION, models.files_identity(base_path), prompts, max_new_tokens]).encode())
     folder = os.path.join(os.path.dirname(models.cache_dir()), "answers")
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, key.hexdigest()[:24] + ".json")

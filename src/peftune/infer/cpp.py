@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import logging
 import os
 from collections import OrderedDict
@@ -29,6 +30,7 @@ import torch
 
 from .. import models
 from ..errors import PeftuneError
+from ..io import sha256_files
 
 CHUNK = 512  # prompt tokens per llama_decode call (the context's n_batch)
 PREFIXES = 8  # prompts whose keys and values are kept for later prompts that begin the same way
@@ -44,15 +46,6 @@ def _llama():
     # llama-cpp-python routes llama.cpp's log through this logger (installed at import); errors only
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     return llama_cpp
-
-
-def _digest(*paths: str) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 def gguf_cache() -> str:
@@ -71,9 +64,9 @@ def base_gguf(base_model: str, trust_remote_code: bool = False) -> str:
     path = models.resolve_model_path(base_model)
     if not os.path.isdir(path):
         raise PeftuneError(f"--engine llama.cpp: base_model {base_model} is not a local model directory or GGUF file")
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                   if f.endswith((".safetensors", ".json")) and os.path.isfile(os.path.join(path, f)))
-    target = os.path.join(gguf_cache(), f"{os.path.basename(os.path.normpath(path))}-{_digest(*files)}-f16.gguf")
+    # keyed by the files' names, sizes and times, as the GGUF conversion cache is: no reading of the weights at start
+    key = hashlib.sha256(json.dumps(models.files_identity(path)).encode()).hexdigest()[:16]
+    target = os.path.join(gguf_cache(), f"{os.path.basename(os.path.normpath(path))}-{key}-f16.gguf")
     if not os.path.isfile(target):
         model = models.load_model(base_model, trust_remote_code, dtype=torch.float32)
         writer.write_model(model, models.load_tokenizer(base_model, trust_remote_code), target, "f16",
@@ -89,7 +82,7 @@ def lora_gguf(adapter_dir: str, config) -> str:
     if not all(os.path.isfile(f) for f in files):
         raise PeftuneError(f"{adapter_dir}: no adapter_config.json and adapter_model.safetensors (llama.cpp runs "
                            "adapters saved as safetensors)")
-    target = os.path.join(gguf_cache(), f"lora-{_digest(*files)}-f32.gguf")
+    target = os.path.join(gguf_cache(), f"lora-{sha256_files(*files)[:16]}-f32.gguf")
     if not os.path.isfile(target):
         writer.write_lora(adapter_dir, config, target, "f32")
     return target

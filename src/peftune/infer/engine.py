@@ -104,9 +104,9 @@ class Engine:
             config = self._start_cpp(dtype, quantize, trust_remote_code, max_batch, max_model_len)
         else:
             config = self._start_torch(dtype, quantize, trust_remote_code)
-        self.context = min(int(getattr(config, "max_position_embeddings", 0) or 1 << 30), max_model_len or 1 << 30)
-        if self.cpp is not None:
-            self.context = min(self.context, self.cpp_seq_len)
+        # the longest prompt plus answer: the model's context, --max_model_len, llama.cpp's cache per sequence
+        self.context = self.cpp_seq_len if self.cpp is not None else min(
+            int(getattr(config, "max_position_embeddings", 0) or 1 << 30), max_model_len or 1 << 30)
         ids = _generation_config(self.base_path, self.model).eos_token_id
         self.eos_ids = {i for i in (ids if isinstance(ids, list) else [ids]) if i is not None}
         self.eos_ids.add(self.tokenizer.eos_token_id)

@@ -10,7 +10,6 @@ load. Nothing here unpickles: every tensor is safetensors, everything else JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -23,20 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import PeftuneError
+from ..io import sha256_files
 from . import faults
 
 STATE = "state.json"
 TRAINABLE = "trainable.safetensors"
 METHOD = "method.safetensors"
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _rng_state() -> tuple[dict, dict]:
@@ -98,7 +90,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, cou
         rng, rng_tensors = _rng_state()
         save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
         faults.point("in_checkpoint", step)
-        files = {name: _sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        files = {name: sha256_files(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         state = {"step": step, "counters": counters, "fingerprint": fingerprint, "scheduler": scheduler.state_dict(),
                  "optimizer_groups": groups, "rng": rng, "method": method_state, "files": files}
         with open(os.path.join(tmp, STATE), "w", encoding="utf-8") as fh:
@@ -142,7 +134,7 @@ def read_state(path: str) -> dict:
         with open(state_path, encoding="utf-8") as fh:
             state = json.load(fh)
         for name, digest in state["files"].items():
-            if _sha256(os.path.join(path, name)) != digest:
+            if sha256_files(os.path.join(path, name)) != digest:
                 raise PeftuneError(f"checkpoint {path} is corrupted: {name} does not match its recorded checksum")
     except FileNotFoundError as e:
         raise PeftuneError(f"checkpoint {path} is incomplete: {os.path.basename(e.filename)} is missing") from None
