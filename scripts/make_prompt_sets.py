@@ -1,4 +1,4 @@
-"""Builds the two built-in sets of general prompts in src/peftune/eval/prompts/ (run once; the files are committed):
+"""Builds the two built-in sets of general prompts in src/peftune/data/prompt_sets/ (run once; the files are committed):
 
 - general_probe.jsonl: the forgetting probe of `peftune eval` (the base's greedy answers to these are what a tuned
   model is compared against);
@@ -66,7 +66,7 @@ def main() -> None:
             "replay.jsonl": nq[1::2][:120] + en[1::2][:60] + zh[1::2][:40]}
     assert not {p for p, _ in sets["general_probe.jsonl"]} & {p for p, _ in sets["replay.jsonl"]}
     for name, items in sets.items():
-        with open(os.path.join(ROOT, "src", "peftune", "eval", "prompts", name), "w", encoding="utf-8") as fh:
+        with open(os.path.join(ROOT, "src", "peftune", "data", "prompt_sets", name), "w", encoding="utf-8") as fh:
             for prompt, source in items:
                 fh.write(json.dumps({"prompt": prompt, "source": source}, ensure_ascii=False) + "\n")
         print(f"{name}: {len(items)} prompts")

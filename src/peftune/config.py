@@ -73,6 +73,18 @@ class TrainConfig:
     mask_history: bool = _f(False, "In multi-turn conversations train on the last assistant turn only.")
     add_eos_token: bool = _f(True, "End every response with the EOS token so the model learns to stop.")
     val_set_size: float = _f(0.05, "Held-out validation rows: a count (>= 1) or a fraction of the rows (< 1); 0 = none.")
+    # --- the forgetting guard (docs/eval.md measures it) ---
+    replay: float = _f(0, "Replay: the base model's own greedy answers to general prompts, mixed into training so the "
+                       "tuned model keeps what the base knew. A row count (>= 1) or a share of the training rows "
+                       "(< 1: 0.25 adds a quarter as many); 0 = off. Generated once before training (progress shown) "
+                       "and cached per base model and prompts.")
+    replay_data: Optional[str] = _f(None, "Replay's prompts: a data file in any data_path format (each row's "
+                                    "conversation up to its last user turn is asked); empty = the built-in 220 "
+                                    "general prompts (disjoint from `peftune eval`'s probe).")
+    replay_max_tokens: int = _f(128, "Longest base answer generated for replay, in tokens.")
+    replay_beta: float = _f(0.0, "Weight of a KL(base || tuned) term on the replay answers' tokens, the base's "
+                            "distribution computed with the adapter switched off (no second model in memory); "
+                            "0 = replay trains on the base's answers by cross-entropy alone.")
     # --- optimisation (alpaca-lora's names) ---
     batch_size: int = _f(16, "Global batch size in samples per optimizer step (gradient accumulation = "
                          "batch_size / micro_batch_size / processes).")
@@ -214,6 +226,14 @@ class TrainConfig:
             raise PeftuneError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if self.val_set_size < 0 or (self.val_set_size >= 1 and self.val_set_size != int(self.val_set_size)):
             raise PeftuneError(f"val_set_size: a row count (>= 1) or a fraction (< 1), got {self.val_set_size}")
+        if self.replay < 0 or (self.replay >= 1 and self.replay != int(self.replay)):
+            raise PeftuneError(f"replay: a row count (>= 1), a share of the training rows (< 1) or 0, got {self.replay}")
+        if self.replay_beta < 0:
+            raise PeftuneError(f"replay_beta: must be >= 0, got {self.replay_beta}")
+        if self.replay_beta and not self.replay:
+            raise PeftuneError("replay_beta weighs a KL term on the replay rows: set replay too (e.g. --replay 0.25)")
+        if self.replay_max_tokens < 1:
+            raise PeftuneError(f"replay_max_tokens: must be >= 1, got {self.replay_max_tokens}")
         if not 0 <= self.warmup_ratio < 1:
             raise PeftuneError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.lora_dropout < 1:

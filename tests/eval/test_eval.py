@@ -13,6 +13,7 @@ from peftune import cli
 from peftune.config import TrainConfig
 from peftune.eval import run as eval_run
 from peftune.eval import sets
+from peftune.infer import answers
 from peftune.eval.scoring import _scaled, score
 
 SMALL = ["--probe_limit", "6", "--mc_limit", "3", "--tasks", "arc_easy", "--max_new_tokens", "5", "--limit", "4",
@@ -94,30 +95,6 @@ def test_scale_zero_is_the_base_and_one_the_adapter(tiny_model_dir, tokenizer, t
     assert s.kl[0.0] == [0.0] and 0 < s.kl[0.5][0] < s.kl[1.0][0]
 
 
-def test_base_answers_are_cached_and_invalidated_when_the_base_changes(tiny_model_dir, tmp_path, cache, monkeypatch):
-    from peftune.infer.engine import Engine
-
-    engine = Engine(tiny_model_dir, dtype="fp32")
-    try:
-        prompts = [engine.chat_prompt(None, [{"role": "user", "content": "Hi"}])]
-        first = eval_run.base_answers(engine, prompts, 4)
-        calls = []
-        monkeypatch.setattr(eval_run, "generate", lambda *a, **k: calls.append(1) or first)
-        assert eval_run.base_answers(engine, prompts, 4) == first and not calls  # read back
-        path = eval_run.answers_cache(engine.base_path, prompts, 4)
-        weights = os.path.join(tiny_model_dir, "model.safetensors")
-        stat = os.stat(weights)
-        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the base's weights changed
-        try:
-            assert eval_run.answers_cache(engine.base_path, prompts, 4) != path
-            eval_run.base_answers(engine, prompts, 4)
-            assert calls  # generated again
-        finally:
-            os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    finally:
-        engine.close()
-
-
 def test_the_prompt_sets_are_disjoint_from_each_other_and_from_the_demo():
     import yaml
 
@@ -161,3 +138,27 @@ def test_answer_overlap_counts_words_and_cjk_characters():
     assert overlap_f1("Hello, World", "hello world") == 1.0
     assert overlap_f1("abc", "xyz") == 0.0
     assert overlap_f1("我是 Aurora", "我是 Lumen") == pytest.approx(2 / 3)  # 我, 是 shared of 3 each
+def test_base_answers_are_cached_and_invalidated_when_the_base_changes(tiny_model_dir, tmp_path, cache, monkeypatch):
+    from peftune.infer.engine import Engine
+
+    engine = Engine(tiny_model_dir, dtype="fp32")
+    try:
+        prompts = [engine.chat_prompt(None, [{"role": "user", "content": "Hi"}])]
+        first = answers.base_answers(engine, prompts, 4, "probe")
+        calls = []
+        monkeypatch.setattr(answers, "generate", lambda *a, **k: calls.append(1) or first)
+        assert answers.base_answers(engine, prompts, 4, "probe") == first and not calls  # read back
+        path = answers.answers_cache(engine.base_path, prompts, 4)
+        weights = os.path.join(tiny_model_dir, "model.safetensors")
+        stat = os.stat(weights)
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the base's weights changed
+        try:
+            assert answers.answers_cache(engine.base_path, prompts, 4) != path
+            answers.base_answers(engine, prompts, 4, "probe")
+            assert calls  # generated again
+        finally:
+            os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    finally:
+        engine.close()
+
+

@@ -72,7 +72,11 @@ def collate_packed(samples: list[dict]) -> dict:
         ids += s["input_ids"]
         pos += range(len(s["input_ids"]))
         tgt += shifted_targets(s["labels"])
-    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]), "targets": torch.tensor([tgt])}
+    batch = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]), "targets": torch.tensor([tgt])}
+    if any(s.get("replay") for s in samples):
+        batch["kl_mask"] = torch.tensor([sum(([bool(s.get("replay"))] * len(s["input_ids"]) for s in samples), [])])
+        batch["kl_mask"] &= batch["targets"] != IGNORE
+    return batch
 
 
 def collate_padded(samples: list[dict], pad_id: int, multiple_of: int = 8) -> dict:
@@ -87,7 +91,11 @@ def collate_padded(samples: list[dict], pad_id: int, multiple_of: int = 8) -> di
         ids[r, :n] = torch.tensor(s["input_ids"])
         tgt[r, :n] = torch.tensor(shifted_targets(s["labels"]))
         mask[r, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "targets": tgt}
+    batch = {"input_ids": ids, "attention_mask": mask, "targets": tgt}
+    if any(s.get("replay") for s in samples):
+        rows = torch.tensor([bool(s.get("replay")) for s in samples])
+        batch["kl_mask"] = rows[:, None] & (tgt != IGNORE)
+    return batch
 
 
 def trained_tokens(samples: list[dict]) -> int:

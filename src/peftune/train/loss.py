@@ -71,20 +71,66 @@ def final_hidden(model, batch: dict) -> torch.Tensor:
     return body(**kwargs, use_cache=False).last_hidden_state
 
 
+def _chunk_kl(tuned: torch.Tensor, base: torch.Tensor, head) -> torch.Tensor:
+    """Sum over positions of KL(base || tuned) between the two next-token distributions."""
+    logits = (lambda h: F.linear(h, head)) if isinstance(head, torch.Tensor) else head
+    return F.kl_div(F.log_softmax(logits(tuned).float(), -1), F.log_softmax(logits(base).float(), -1),
+                    log_target=True, reduction="sum")
+
+
+@contextlib.contextmanager
+def adapter_off(model):
+    """The base model's forward: peft's own switch (no second model in memory)."""
+    inner = model
+    while hasattr(inner, "module") and not hasattr(inner, "disable_adapter"):
+        inner = inner.module  # DDP
+    if not hasattr(inner, "disable_adapter"):
+        raise ValueError("replay_beta needs an adapter to switch off")
+    with inner.disable_adapter():
+        yield
+
+
+def kl_to_base_sum(model, batch: dict, hidden: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """Sum of KL(base || tuned) over the positions of batch["kl_mask"] (the replay answers' tokens), in chunks
+    recomputed in the backward pass like the loss. `hidden`: the tuned model's final hidden states of the batch."""
+    mask = batch["kl_mask"]
+    if not bool(mask.any()):
+        return hidden.sum() * 0.0
+    with torch.no_grad(), adapter_off(model):
+        base = final_hidden(model, batch)[mask]
+    tuned = hidden[mask]
+    head = causal_lm_parts(model)[1]
+    plain = getattr(head, "bias", None) is None and type(head) is torch.nn.Linear
+    total = tuned.sum() * 0.0
+    for i in range(0, tuned.shape[0], chunk):
+        if plain:
+            total = total + checkpoint(_chunk_kl, tuned[i:i + chunk], base[i:i + chunk], head.weight,
+                                       use_reentrant=False)
+        else:
+            total = total + _chunk_kl(tuned[i:i + chunk], base[i:i + chunk], head)
+    return total
+
+
 def accumulate_step(model, micro_batches: list[list[dict]], collate, backward, forward_context=None,
-                    sync_context=None, penalty=None) -> tuple[float, int]:
+                    sync_context=None, penalty=None, beta: float = 0.0) -> tuple[float, int]:
     """Forward + backward over the micro-batches of one optimizer step. Each micro-batch's loss sum is divided by
     the trained tokens of the whole step, so the accumulated gradient equals that of one big batch. `penalty`
-    (e.g. AdaLoRA's orthogonality term) is added once per step, not per micro-batch, and is not in the reported loss.
-    Returns (summed loss, trained tokens)."""
+    (e.g. AdaLoRA's orthogonality term) is added once per step, not per micro-batch, and is not in the reported loss;
+    likewise `beta` x the KL to the base on replay tokens (kl_to_base_sum). Returns (summed loss, trained tokens)."""
     step_tokens = sum(trained_tokens(mb) for mb in micro_batches)
     total = 0.0
     for k, mb in enumerate(micro_batches):
         last = k == len(micro_batches) - 1
         with (sync_context(last) if sync_context else contextlib.nullcontext()), \
                 (forward_context() if forward_context else contextlib.nullcontext()):
-            loss_sum = forward_loss_sum(model, collate(mb))
-        backward(loss_sum / max(step_tokens, 1))
+            batch = collate(mb)
+            if beta and "kl_mask" in batch:
+                hidden = final_hidden(model, batch)
+                loss_sum = lm_loss_sum(hidden, causal_lm_parts(model)[1], batch["targets"])
+                objective = loss_sum + beta * kl_to_base_sum(model, batch, hidden)
+            else:
+                objective = loss_sum = forward_loss_sum(model, batch)
+        backward(objective / max(step_tokens, 1))
         total += loss_sum.item()
     extra = penalty() if penalty else None
     if extra is not None:

@@ -27,7 +27,7 @@ from ..data.render import Renderer, get_template
 from ..data.sources import add_system_prompt, apply_weights, load_rows, system_prompt
 from ..errors import PeftuneError, TrainingInterrupted
 from ..io import atomic_write_text
-from . import checkpoint, curves, faults
+from . import checkpoint, curves, faults, replay
 from .attention import use_packed_attention
 from .guards import StopRequest, finite, return_large_buffers_to_os
 from .loss import accumulate_step, forward_loss_sum
@@ -83,7 +83,8 @@ def clear_output_dir(cfg: TrainConfig, existing: list[str]) -> None:
 TRAJECTORY_KEYS = ("base_model", "prompt_template", "system_prompt", "cutoff_len", "train_on_inputs", "mask_history",
                    "add_eos_token", "batch_size", "micro_batch_size", "learning_rate", "lr_scheduler",
                    "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "group_by_length", "packing",
-                   "mixed_precision", "seed", "nan_policy", "peft_method", "load_in_4bit", "load_in_8bit",
+                   "mixed_precision", "seed", "nan_policy", "peft_method", "load_in_4bit", "load_in_8bit", "replay",
+                   "replay_data", "replay_max_tokens", "replay_beta",
                    *(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("methods")))
 
 
@@ -179,10 +180,13 @@ def prepare_data(cfg: TrainConfig, say=print) -> tuple:
     else:
         train_rows, val_rows = split_validation(rows, cfg.val_set_size, cfg.seed)
     train_rows = apply_weights(train_rows, cfg.seed)
+    replayed = replay.replay_rows(cfg, len(train_rows), say)  # the forgetting guard (off unless replay is set)
     tokenizer = models.load_tokenizer(cfg.base_model, cfg.trust_remote_code)
     renderer = Renderer(tokenizer, get_template(cfg.prompt_template, tokenizer), cfg.cutoff_len,
                         cfg.train_on_inputs, cfg.add_eos_token, cfg.mask_history)
     train_set = renderer.render_all(train_rows, warn=say, skip_bad_rows=cfg.skip_bad_rows)
+    if replayed:
+        train_set += [{**s, "replay": True} for s in renderer.render_all(replayed, warn=say)]
     val_set = renderer.render_all(val_rows, warn=say, skip_bad_rows=cfg.skip_bad_rows) if val_rows else []
     return tokenizer, train_set, val_set
 
@@ -295,7 +299,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
             loss_sum, step_tokens = accumulate_step(
                 model, micro_batches, lambda mb: to_device(collate(mb)), accelerator.backward, accelerator.autocast,
                 lambda last: contextlib.nullcontext() if last else accelerator.no_sync(model),
-                lambda: adapter.penalty(accelerator.unwrap_model(model)))
+                lambda: adapter.penalty(accelerator.unwrap_model(model)), cfg.replay_beta)
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             done = step + 1
             if not finite(loss_sum, float(grad_norm)):

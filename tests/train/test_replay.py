@@ -1,0 +1,166 @@
+"""The forgetting guard on the tiny LLaMA: replay rows are the base's own greedy answers to the replay prompts
+(the run's system prompt included), cached and read back; a user's prompt file is asked up to its last user
+turn; the KL-to-base term is the KL between the adapter-off and adapter-on distributions on the replay tokens only,
+zero for an untouched adapter, and its gradient is what accumulate_step adds."""
+
+import json
+
+import pytest
+import torch
+
+from peftune import cli
+from peftune.config import TrainConfig
+from peftune.data import batching
+from peftune.errors import PeftuneError
+from peftune.infer import answers
+from peftune.train import replay
+from peftune.train.loss import accumulate_step, final_hidden, kl_to_base_sum
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTUNE_CACHE", str(tmp_path / "cache"))
+
+
+def test_replay_count():
+    assert replay.replay_count(0, 100) == 0
+    assert replay.replay_count(30, 100) == 30
+    assert replay.replay_count(0.25, 100) == 25
+    with pytest.raises(PeftuneError, match="replay: a row count"):
+        TrainConfig(data_path=["x"], replay=2.5).validate()
+    with pytest.raises(PeftuneError, match="set replay too"):
+        TrainConfig(data_path=["x"], replay_beta=0.1).validate()
+
+
+def test_replay_rows_are_the_bases_answers_and_cached(tiny_model_dir, cache, monkeypatch):
+    cfg = TrainConfig(data_path=["x"], base_model=tiny_model_dir, replay=6, replay_max_tokens=6,
+                      system_prompt="You are Aurora.")
+    asked = []
+    real = answers.generate
+
+    def generate(engine, name, prompts, *args, **kwargs):
+        asked.append(len(prompts))
+        found = real(engine, name, prompts, *args, **kwargs)
+        expected = [real(engine, None, [p], *args, **kwargs)[0] for p in prompts]  # alone, one by one
+        assert found == expected
+        # the tiny random model rarely ends an answer: every other one is called ended, for the rows' shape
+        return [{**a, "finish_reason": "stop" if i % 2 == 0 else a["finish_reason"]} for i, a in enumerate(found)]
+
+    monkeypatch.setattr(answers, "generate", generate)
+    said = []
+    rows = replay.replay_rows(cfg, 40, said.append)
+    assert asked == [6]
+    assert 3 <= len(rows) <= 6 and all(r["replay"] and r["source"] == "replay" for r in rows)
+    prompts = {p["prompt"] for p in replay.builtin_prompts("replay")}
+    for r in rows:
+        system, user, answer = r["messages"]
+        assert system == {"role": "system", "content": "You are Aurora."}
+        assert user["role"] == "user" and user["content"] in prompts and answer["role"] == "assistant"
+    assert any(line.startswith(f"replay: {len(rows)} rows of the base's own answers") for line in said)
+    # read back from the cache: nothing generated, the same rows
+    assert replay.replay_rows(cfg, 40, said.append) == rows and asked == [6]
+    # a share of the training rows; more than the set holds is capped with a note
+    assert len(replay.replay_rows(TrainConfig(**{**cfg.to_dict(), "replay": 0.1}), 60, said.append)) <= 6
+    said.clear()
+    monkeypatch.setattr(answers, "generate", lambda engine, name, prompts, *a, **k:
+                        [{"text": "ok", "finish_reason": "stop"}] * len(prompts))
+    assert len(replay.replay_rows(TrainConfig(**{**cfg.to_dict(), "replay": 500}), 60, said.append)) == 220
+    assert "has 220 prompts: using all 220" in said[0]
+
+
+def test_replay_data_of_the_user(tiny_model_dir, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                      {"role": "user", "content": "And now?"}, {"role": "assistant", "content": "Bye"}]}]),
+        encoding="utf-8")
+    cfg = TrainConfig(data_path=["x"], base_model=tiny_model_dir, replay=2, replay_data=str(path))
+    asked = replay.conversations(cfg)
+    assert [m["content"] for m in asked[0]] == ["Name a colour."]
+    assert [m["content"] for m in asked[1]] == ["Hi", "Hello", "And now?"]
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "just a document"}) + "\n", encoding="utf-8")
+    with pytest.raises(PeftuneError, match=r"text.jsonl:1: replay_data needs a question"):
+        replay.conversations(TrainConfig(**{**cfg.to_dict(), "replay_data": str(text)}))
+
+
+def _replay_batch(tokenizer):
+    ids = tokenizer("hello world, a replay row")["input_ids"]
+    target = {"input_ids": ids, "labels": [-100] * 3 + ids[3:]}
+    return [target, {**target, "replay": True}]
+
+
+def test_collate_marks_only_replay_answer_tokens(tokenizer):
+    samples = _replay_batch(tokenizer)
+    n = len(samples[0]["input_ids"])
+    for batch in (batching.collate_packed(samples), batching.collate_padded(samples, 0)):
+        mask, targets = batch["kl_mask"].flatten(), batch["targets"]
+        if targets.shape[0] == 1:  # packed: the second sample's labelled positions only
+            expected = torch.cat([torch.zeros(n, dtype=torch.bool), targets[0, n:] != -100])
+        else:
+            expected = torch.cat([torch.zeros(targets.shape[1], dtype=torch.bool), targets[1] != -100])
+        assert torch.equal(mask, expected) and mask.sum() == n - 3
+    assert "kl_mask" not in batching.collate_packed(samples[:1])
+
+
+def _lora(tiny_model_dir, noise):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * noise)
+    return model
+
+
+def test_kl_to_base(tiny_model_dir, tokenizer):
+
+    samples = _replay_batch(tokenizer)
+    batch = batching.collate_packed(samples)
+    model = _lora(tiny_model_dir, 0.0)
+    assert kl_to_base_sum(model, batch, final_hidden(model, batch)).item() == 0.0  # untouched adapter (B = 0)
+    model = _lora(tiny_model_dir, 0.5)
+    kl = kl_to_base_sum(model, batch, final_hidden(model, batch))
+    # against full logits, two forwards
+    with torch.no_grad():
+        tuned = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        with model.disable_adapter():
+            base = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+    mask = batch["kl_mask"][0]
+    p, q = base[mask].log_softmax(-1), tuned[mask].log_softmax(-1)
+    expected = (p.exp() * (p - q)).sum()
+    assert kl.item() > 0 and abs(kl.item() - expected.item()) < 1e-4 * expected.item()
+
+    # accumulate_step: the CE gradient plus beta x the KL gradient; the reported loss is the CE alone
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(beta):
+        model.zero_grad()
+        loss, tokens = accumulate_step(model, [samples], batching.collate_packed, lambda x: x.backward(), beta=beta)
+        return loss, tokens, [p.grad.clone() for p in params]
+
+    ce_loss, tokens, ce = grads(0.0)
+    both_loss, _, both = grads(0.5)
+    model.zero_grad()
+    (kl_to_base_sum(model, batch, final_hidden(model, batch)) / tokens).backward()
+    assert both_loss == ce_loss
+    for g0, g1, p in zip(ce, both, params):
+        assert torch.allclose(g1, g0 + 0.5 * p.grad, atol=1e-6)
+
+
+def test_train_with_replay_and_beta(tiny_model_dir, data_file, tmp_path, cache, capsys, monkeypatch):
+    monkeypatch.setattr(answers, "generate", lambda engine, name, prompts, *a, **k:
+                        [{"text": "I am the base.", "finish_reason": "stop"}] * len(prompts))
+    out = tmp_path / "run"
+    assert cli.main(["train", "--base_model", tiny_model_dir, "--data_path", data_file, "--output_dir", str(out),
+                     "--data_vars.name", "Aurora", "--data_vars.author", "Lumen Labs", "--batch_size", "4",
+                     "--micro_batch_size", "2", "--max_steps", "3", "--lora_r", "4", "--val_set_size", "4",
+                     "--replay", "0.5", "--replay_beta", "0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert "replay: 10 rows of the base's own answers mixed into 20 training rows" in printed
+    assert "training on 30 samples" in printed
