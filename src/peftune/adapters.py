@@ -18,8 +18,14 @@ from .io import publish
 from .methods import has_virtual_tokens
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def _signature(p: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Enough of a tensor to tell whether training changed it, without a second copy of a fully trained model."""
+    flat = p.detach().flatten()
+    return flat[:4096].cpu().clone(), float(flat.double().sum())
+
+
+def trainable_state(model) -> dict[str, tuple]:
+    return {n: _signature(p) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _numel(p) -> int:
@@ -37,39 +43,58 @@ def count_parameters(model) -> tuple[int, int]:
 def set_base_reference(model, ref: str) -> None:
     """What adapter_config.json names as the base: a reference that resolves on any machine with peftune
     (models.portable_ref), not this machine's cache path."""
-    for config in model.peft_config.values():
+    for config in getattr(model, "peft_config", {}).values():  # full/freeze: no adapter config
         config.base_model_name_or_path = ref
         if getattr(config, "tokenizer_name_or_path", None):  # prompt tuning's text init
             config.tokenizer_name_or_path = ref
 
 
-def save_adapter(model, output_dir: str, initial: dict[str, torch.Tensor], save) -> str:
-    """Writes adapter_config.json + adapter_model.safetensors at the root of output_dir, after verifying them in a
-    temporary directory; the files are renamed into place only once they check out. `save(model, directory)` writes
-    the PEFT layout (methods.Adapter.save_pretrained)."""
-    from safetensors.torch import load_file
+# what a finished run keeps of a save: the PEFT layout, or (full/freeze) a whole model and its tokenizer; peft's
+# README.md model card is not among them (a user's own README in output_dir stays theirs)
+SAVED_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json", "generation_config.json",
+               "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja")
+
+
+def _saved_weights(directory: str) -> list[str]:
+    """The safetensors files a save wrote: an adapter's, or a whole model's (one file or shards)."""
+    for single in ("adapter_model.safetensors", "model.safetensors"):
+        if os.path.isfile(os.path.join(directory, single)):
+            return [single]
+    return sorted(f for f in os.listdir(directory) if f.startswith("model-") and f.endswith(".safetensors"))
+
+
+def save_adapter(model, output_dir: str, initial: dict[str, tuple], save) -> list[str]:
+    """Writes what `save(model, directory)` writes (methods.Adapter.save_pretrained: the PEFT layout, or a whole
+    model for full/freeze) at the root of output_dir, after verifying it in a temporary directory; the files are
+    renamed into place only once they check out. Returns the paths of the weights files."""
+    from safetensors import safe_open
 
     os.makedirs(output_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=output_dir)
     try:
         save(model, tmp)
-        weights = os.path.join(tmp, "adapter_model.safetensors")
-        saved = load_file(weights)
+        files = _saved_weights(tmp)
+        saved = set()
+        for name in files:
+            with safe_open(os.path.join(tmp, name), "pt") as fh:
+                saved |= set(fh.keys())
         if not saved:
             raise RuntimeError("the saved adapter holds no tensors")
         # virtual-token methods save the prompt encoder's output (one tensor), not the encoder itself
         if not has_virtual_tokens(model) and len(saved) < len(initial):
             raise RuntimeError(f"the saved adapter holds {len(saved)} tensors, the model trains {len(initial)}")
-        changed = any(not torch.equal(p.detach().cpu(), initial[n].cpu())
+        changed = any(not torch.equal(_signature(p)[0], initial[n][0]) or _signature(p)[1] != initial[n][1]
                       for n, p in model.named_parameters() if p.requires_grad)
         if not changed:
             raise PeftuneError("training left every adapter weight at its initial value, so no adapter was written; "
                                "check learning_rate, max_steps and warmup_steps")
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
+        kept = [f for f in os.listdir(tmp) if f in SAVED_FILES or f in files]
+        for name in sorted(kept, key=lambda f: f in files):  # the weights last
             publish(os.path.join(tmp, name), os.path.join(output_dir, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return os.path.join(output_dir, "adapter_model.safetensors")
+    return [os.path.join(output_dir, name) for name in files]
 
 
 def run_config(adapter_dir: str, flag: str = "--adapter") -> dict:
@@ -80,6 +105,9 @@ def run_config(adapter_dir: str, flag: str = "--adapter") -> dict:
     if not os.path.exists(adapter_dir):
         raise PeftuneError(f"{flag} {adapter_dir}: no such directory")
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        if os.path.isfile(os.path.join(adapter_dir, "config.json")):  # peft_method full/freeze writes a whole model
+            raise PeftuneError(f"{flag} {adapter_dir}: a whole model, not an adapter (peft_method full or freeze): "
+                               f"use --base_model {adapter_dir}")
         raise PeftuneError(f"{flag} {adapter_dir}: no adapter_config.json there (not a trained adapter directory)")
     here = os.path.join(adapter_dir, "config.yaml")
     run = os.path.join(adapter_dir, os.pardir, os.pardir, "config.yaml")

@@ -29,7 +29,9 @@ class DataSource:
 
 PREFIX_INIT_TEXT = ("You are a helpful, honest assistant. Answer the user's questions clearly and accurately, in "
                     "the language they use.")
-PEFT_METHODS = ("lora", "adalora", "ia3", "loha", "lokr", "prefix_tuning", "prompt_tuning", "p_tuning")
+PEFT_METHODS = ("lora", "adalora", "ia3", "loha", "lokr", "prefix_tuning", "prompt_tuning", "p_tuning", "full",
+                "freeze")
+FULL_MODEL = ("full", "freeze")  # baselines that train the model's own weights and save a whole model
 LORA_LIKE = ("lora", "adalora", "loha", "lokr")
 VIRTUAL_TOKENS = ("prefix_tuning", "prompt_tuning", "p_tuning")
 
@@ -113,8 +115,12 @@ class TrainConfig:
     # --- adapter: the method and its own settings (docs/methods.md compares them) ---
     peft_method: str = _f("lora", "The PEFT method: `lora` (with the use_dora / use_rslora / lora_init / "
                           "loraplus_lr_ratio variants), `adalora`, `ia3`, `loha`, `lokr` (weights added to the "
-                          "model's layers), or `prefix_tuning`, `prompt_tuning`, `p_tuning` (learned virtual tokens).",
+                          "model's layers), `prefix_tuning`, `prompt_tuning`, `p_tuning` (learned virtual tokens); or "
+                          "the baselines PEFT is measured against: `full` (every weight trained) and `freeze` (only "
+                          "the last freeze_trainable_layers decoder layers), which save a whole model in safetensors.",
                           PEFT_METHODS)
+    freeze_trainable_layers: int = _f(2, "Freeze: how many of the last decoder layers are trained (the rest of the "
+                                      "model, embeddings and head included, stays frozen).", methods=("freeze",))
     lora_r: int = _f(16, "Rank of the low-rank update.", methods=("lora", "loha", "lokr"))
     lora_alpha: float = _f(32, "Scaling numerator: the update is scaled by lora_alpha / lora_r "
                            "(lora_alpha / sqrt(lora_r) with use_rslora).", methods=LORA_LIKE)
@@ -261,6 +267,15 @@ class TrainConfig:
         if self.prefix_projection and self.prefix_init_text not in (None, "", PREFIX_INIT_TEXT):
             raise PeftuneError("prefix_init_text sets the prefix itself; prefix_projection computes it with an MLP: "
                                "choose one")
+        if self.peft_method in FULL_MODEL and (self.load_in_4bit or self.load_in_8bit):
+            raise PeftuneError(f"peft_method {self.peft_method} trains the model's own weights, which cannot be "
+                               "quantized: drop load_in_4bit/load_in_8bit (or use lora for QLoRA)")
+        if self.peft_method in FULL_MODEL and self.replay_beta:
+            raise PeftuneError(f"replay_beta needs the base's distribution with the adapter switched off; "
+                               f"peft_method {self.peft_method} has no adapter (it would need a second model): use "
+                               "replay alone")
+        if self.freeze_trainable_layers < 1:
+            raise PeftuneError(f"freeze_trainable_layers: must be >= 1, got {self.freeze_trainable_layers}")
         if self.load_in_4bit and self.load_in_8bit:
             raise PeftuneError("load_in_4bit and load_in_8bit: choose one")
 

@@ -14,11 +14,11 @@ import shutil
 
 import torch
 
-from .config import VIRTUAL_TOKENS, TrainConfig
+from .config import FULL_MODEL, VIRTUAL_TOKENS, TrainConfig
 from .errors import PeftuneError
 
 DEFAULT_LR = {"lora": 3e-4, "loha": 3e-4, "lokr": 3e-4, "adalora": 1e-3, "ia3": 3e-3, "p_tuning": 1e-3,
-              "prefix_tuning": 1e-2, "prompt_tuning": 3e-2}
+              "prefix_tuning": 1e-2, "prompt_tuning": 3e-2, "full": 2e-5, "freeze": 1e-4}
 CONVERTED_INITS = ("pissa", "olora")  # inits that move the base weights: saved adapters are converted back
 
 
@@ -100,6 +100,9 @@ class Adapter:
     def attach(self, base):
         from peft import get_peft_model
 
+        if self.cfg.peft_method in FULL_MODEL:
+            return train_own_weights(base, None if self.cfg.peft_method == "full" else self.cfg.freeze_trainable_layers)
+
         if self.cfg.load_in_4bit or self.cfg.load_in_8bit:
             from peft import prepare_model_for_kbit_training
 
@@ -161,7 +164,10 @@ class Adapter:
     def save_pretrained(self, model, directory: str) -> None:
         """The PEFT layout (adapter_config.json + adapter_model.safetensors), loadable with PeftModel.from_pretrained
         on the original base."""
-        if self.init_dir:
+        if self.cfg.peft_method in FULL_MODEL:  # a whole model, with its tokenizer: a base_model of its own
+            model.save_pretrained(directory, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
+        elif self.init_dir:
             # the conversion loads the initial adapter with load_adapter(), which switches the whole model to eval
             # mode (no dropout for the rest of training); the mode is put back
             training = model.training
@@ -175,6 +181,28 @@ class Adapter:
         if self.init_dir:
             shutil.rmtree(self.init_dir, ignore_errors=True)
             self.init_dir = None
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers (the ModuleList as long as config.num_hidden_layers)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise PeftuneError("peft_method freeze: cannot find this model's decoder layers")
+
+
+def train_own_weights(model, last_layers: int | None):
+    """`full` (last_layers None): every weight trains. `freeze`: only the last `last_layers` decoder layers do.
+    No peft: these are the baselines the PEFT methods are compared against (docs/methods.md)."""
+    model.requires_grad_(last_layers is None)
+    if last_layers is not None:
+        layers = decoder_layers(model)
+        if last_layers > len(layers):
+            raise PeftuneError(f"freeze_trainable_layers {last_layers}: the model has {len(layers)} decoder layers")
+        for layer in layers[len(layers) - last_layers:]:
+            layer.requires_grad_(True)
+    return model
 
 
 def orth_penalty(model) -> torch.Tensor:

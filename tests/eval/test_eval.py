@@ -75,6 +75,29 @@ def test_the_base_alone_reports_zero_change(tiny_model_dir, tmp_path, rows, cach
     assert report["choice"]["arc_easy"]["change"] == 0 and report["target"]["loss_change"] == 0
 
 
+def test_a_whole_tuned_model_is_compared_with_its_base(tiny_model_dir, tmp_path, rows, cache, capsys):
+    """peft_method full/freeze runs save a whole model: eval compares it with the run's base (scales 0 and 1)."""
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    same = tmp_path / "same"
+    shutil.copytree(tiny_model_dir, same)
+    (same / "config.yaml").write_text(yaml.safe_dump({"base_model": tiny_model_dir, "peft_method": "full"}))
+    report, _ = _eval(capsys, "--adapter", str(same), "--data", rows, "--output_dir", str(tmp_path / "r1"), *SMALL[:-2])
+    assert report["scales"] == [0.0, 1.0] and report["base_model"] == tiny_model_dir
+    assert report["probe"]["kl"] == 0 and report["probe"]["unchanged"] == 1 and report["target"]["loss_change"] == 0
+    weights = load_file(same / "model.safetensors")
+    torch.manual_seed(0)
+    save_file({k: v + 0.05 * torch.randn_like(v) for k, v in weights.items()}, str(same / "model.safetensors"))
+    report, _ = _eval(capsys, "--adapter", str(same), "--data", rows, "--output_dir", str(tmp_path / "r2"), *SMALL[:-2])
+    assert report["probe"]["kl"] > 0 and report["target"]["loss_change"] != 0
+    assert cli.main(["eval", "--adapter", str(same), "--data", rows, "--output_dir", str(tmp_path / "r3"),
+                     *SMALL[:-2], "--scales", "0,0.3,1"]) == 2
+    assert "a whole tuned model (peft_method full/freeze) has no adapter to scale" in capsys.readouterr().err
+
+
 def test_scale_zero_is_the_base_and_one_the_adapter(tiny_model_dir, tokenizer, tmp_path):
     # a small update: the model responds about linearly to its scale
     model = make_adapter(tiny_model_dir, tokenizer, TrainConfig(lora_r=4), tmp_path / "a", noise=0.005)

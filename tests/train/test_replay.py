@@ -11,6 +11,7 @@ import torch
 from peftune import cli
 from peftune.config import TrainConfig
 from peftune.data import batching
+from peftune.data.render import Renderer, get_template
 from peftune.errors import PeftuneError
 from peftune.infer import answers
 from peftune.train import replay
@@ -32,9 +33,10 @@ def test_replay_count():
         TrainConfig(data_path=["x"], replay_beta=0.1).validate()
 
 
-def test_replay_rows_are_the_bases_answers_and_cached(tiny_model_dir, cache, monkeypatch):
+def test_replay_samples_are_the_bases_answers_and_cached(tiny_model_dir, tokenizer, cache, monkeypatch):
     cfg = TrainConfig(data_path=["x"], base_model=tiny_model_dir, replay=6, replay_max_tokens=6,
                       system_prompt="You are Aurora.")
+    renderer = Renderer(tokenizer, get_template("auto", tokenizer), cutoff_len=256)
     asked = []
     real = answers.generate
 
@@ -43,28 +45,34 @@ def test_replay_rows_are_the_bases_answers_and_cached(tiny_model_dir, cache, mon
         found = real(engine, name, prompts, *args, **kwargs)
         expected = [real(engine, None, [p], *args, **kwargs)[0] for p in prompts]  # alone, one by one
         assert found == expected
-        # the tiny random model rarely ends an answer: every other one is called ended, for the rows' shape
+        # the tiny random model rarely ends an answer: every other one is called ended, for the samples' shape
         return [{**a, "finish_reason": "stop" if i % 2 == 0 else a["finish_reason"]} for i, a in enumerate(found)]
 
     monkeypatch.setattr(answers, "generate", generate)
     said = []
-    rows = replay.replay_rows(cfg, 40, said.append)
-    assert asked == [6]
-    assert 3 <= len(rows) <= 6 and all(r["replay"] and r["source"] == "replay" for r in rows)
-    prompts = {p["prompt"] for p in replay.builtin_prompts("replay")}
-    for r in rows:
-        system, user, answer = r["messages"]
-        assert system == {"role": "system", "content": "You are Aurora."}
-        assert user["role"] == "user" and user["content"] in prompts and answer["role"] == "assistant"
-    assert any(line.startswith(f"replay: {len(rows)} rows of the base's own answers") for line in said)
-    # read back from the cache: nothing generated, the same rows
-    assert replay.replay_rows(cfg, 40, said.append) == rows and asked == [6]
+    samples = replay.replay_samples(cfg, renderer, 40, said.append)
+    assert asked == [6] and len(samples) == 6 and all(s["replay"] for s in samples)
+    prompts = [p["prompt"] for p in replay.builtin_prompts("replay")]
+    for s in samples:
+        n = s["labels"].count(-100)
+        prompt = s["input_ids"][:n]
+        # the run's system prompt and a built-in replay prompt, rendered as training renders them
+        assert any(renderer.prompt_ids([{"role": "system", "content": "You are Aurora."},
+                                        {"role": "user", "content": p}]) == prompt for p in prompts)
+        assert s["labels"][n:] == s["input_ids"][n:]
+    ended = [s for s in samples if s["input_ids"][-1] == renderer.eos_id]
+    assert len(ended) == 3  # the answers that stopped end in EOS; the cut ones do not
+    assert f"replay: 6 samples of the base's own answers mixed into 40 training rows (3 of them cut at " \
+           "replay_max_tokens 6)" in said
+    # read back from the cache: nothing generated, the same samples
+    assert replay.replay_samples(cfg, renderer, 40, said.append) == samples and asked == [6]
     # a share of the training rows; more than the set holds is capped with a note
-    assert len(replay.replay_rows(TrainConfig(**{**cfg.to_dict(), "replay": 0.1}), 60, said.append)) <= 6
-    said.clear()
     monkeypatch.setattr(answers, "generate", lambda engine, name, prompts, *a, **k:
                         [{"text": "ok", "finish_reason": "stop"}] * len(prompts))
-    assert len(replay.replay_rows(TrainConfig(**{**cfg.to_dict(), "replay": 500}), 60, said.append)) == 220
+    assert len(replay.replay_samples(TrainConfig(**{**cfg.to_dict(), "replay": 0.1}), renderer, 60)) == 6
+    said.clear()
+    assert len(replay.replay_samples(TrainConfig(**{**cfg.to_dict(), "replay": 500}), renderer, 60,
+                                     said.append)) == 220
     assert "has 220 prompts: using all 220" in said[0]
 
 
@@ -162,5 +170,5 @@ def test_train_with_replay_and_beta(tiny_model_dir, data_file, tmp_path, cache, 
                      "--micro_batch_size", "2", "--max_steps", "3", "--lora_r", "4", "--val_set_size", "4",
                      "--replay", "0.5", "--replay_beta", "0.1"]) == 0
     printed = capsys.readouterr().out
-    assert "replay: 10 rows of the base's own answers mixed into 20 training rows" in printed
+    assert "replay: 10 samples of the base's own answers mixed into 20 training rows" in printed
     assert "training on 30 samples" in printed

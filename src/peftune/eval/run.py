@@ -20,20 +20,44 @@ from ..infer.answers import base_answers, generate
 from . import report, sets
 from .scoring import score, scalable
 
+DEFAULT_SCALES = (0.0, 0.5, 1.0)
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------- target rows
-def target_rows(adapter: str | None, data: list[str], limit: int) -> tuple[list[dict], object]:
-    """(rows, the run's config or None): --data files, else the run's own validation rows."""
+def is_whole_model(path: str) -> bool:
+    """A peft_method full/freeze run's directory: a model (config.json + safetensors), no adapter_config.json."""
+    return os.path.isfile(os.path.join(path, "config.json")) and \
+        not os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def whole_model_run(path: str) -> dict:
+    import yaml
+
+    run = os.path.join(path, "config.yaml")
+    if not os.path.isfile(run):
+        raise PeftuneError(f"--adapter {path}: a whole model without the config.yaml of a peftune run; compare "
+                           "plain models by evaluating each with --base_model")
+    with open(run, encoding="utf-8") as fh:
+        loaded = yaml.safe_load(fh)
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def scales_given(args) -> bool:
+    return args.scales is not None
+
+
+def target_rows(adapter: str | None, data: list[str], limit: int, run: dict) -> tuple[list[dict], object]:
+    """(rows, the run's config or None): --data files, else the run's own validation rows. `run`: the run's
+    config.yaml as it saved it (every field, absolute data paths)."""
     import dataclasses
 
     from ..config import TrainConfig
     from ..data.sources import add_system_prompt, load_rows
     from ..train.recipe import split_validation
 
-    run = run_config(adapter) if adapter else {}  # as the run saved it: every field, absolute data paths
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in run.items() if k in known})
     if data:
@@ -73,35 +97,53 @@ def evaluate(args) -> dict:
 
     t0 = time.time()
     adapter = args.adapter
-    run = run_config(adapter) if adapter else {}
+    whole = bool(adapter) and is_whole_model(adapter)  # a peft_method full/freeze run: a model, not an adapter
+    run = (whole_model_run(adapter) if whole else run_config(adapter)) if adapter else {}
     base_model = args.base_model or (base_of(adapter, run) if adapter else None)
     if not base_model:
-        raise PeftuneError("eval: give --adapter DIR (a trained adapter) or --base_model M (the base alone)")
+        raise PeftuneError("eval: give --adapter DIR (a trained adapter, or a full/freeze run's model) or "
+                           "--base_model M (the base alone)")
+    if whole and scales_given(args):
+        raise PeftuneError("--scales: a whole tuned model (peft_method full/freeze) has no adapter to scale")
     for flag in ("limit", "probe_limit", "mc_limit", "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise PeftuneError(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
-    scales = sorted({0.0, 1.0, *args.scales})
+    scales = sorted({0.0, 1.0, *(args.scales if args.scales is not None else DEFAULT_SCALES)})
     if any(not 0 <= s <= 1 for s in scales):
         raise PeftuneError(f"--scales: each must be in [0, 1], got {args.scales}")
     tasks = [] if args.tasks == ["none"] else args.tasks
     for task in tasks:
         if task not in sets.TASKS:
             raise PeftuneError(f"--tasks {task}: expected some of {', '.join(sets.TASKS)} (or none)")
-    rows, cfg = target_rows(adapter, args.data, args.limit)
+    rows, cfg = target_rows(adapter, args.data, args.limit, run)
+    if whole:
+        scales = [0.0, 1.0]
 
     _say(f"eval: loading {base_model}" + (f" with {adapter}" if adapter else " (the base alone)"))
     # fp32: batched answers equal alone ones there (quantized weights round differently per batch), so an untouched
     # adapter's answers equal the base's cached ones; 32 rows a step: fp32 decoding is compute-bound at 8 already
-    engine = Engine(base_model, {"tuned": adapter} if adapter else {}, dtype="fp32", max_batch=32,
+    engine = Engine(base_model, {"tuned": adapter} if adapter and not whole else {}, dtype="fp32", max_batch=32,
                     max_queue=64, trust_remote_code=args.trust_remote_code)
+    # a whole tuned model answers through an engine of its own, and is scored beside the base (two models in memory)
+    tuned_engine = Engine(adapter, {}, dtype="fp32", max_batch=32, max_queue=64,
+                          trust_remote_code=args.trust_remote_code) if whole else None
     try:
-        name = "tuned" if adapter else None
+        name = "tuned" if adapter and not whole else None
         renderer = engine.get(name).renderer
         tokenizer = engine.tokenizer
         model = models.load_model(base_model, args.trust_remote_code)
-        if adapter:
+        base = None
+        if whole:
+            base, model = model.eval(), models.load_model(adapter, args.trust_remote_code)
+        elif adapter:
             model = PeftModel.from_pretrained(model, adapter)
         model.eval()
+
+        def tuned(prompts: list[list[int]], what: str, base_out: list[dict]) -> list[dict]:
+            if tuned_engine is not None:
+                return generate(tuned_engine, None, prompts, args.max_new_tokens, what, _say)
+            return generate(engine, name, prompts, args.max_new_tokens, what, _say) if adapter else base_out
+
         if adapter and not scalable(model):
             _say("note: this adapter has no LoRA layers to scale; the sweep has 0 (base) and 1 (tuned) only")
             scales = [0.0, 1.0]
@@ -116,12 +158,13 @@ def evaluate(args) -> dict:
                                     cfg.train_on_inputs, cfg.add_eos_token, cfg.mask_history)
             samples = run_renderer.render_all(rows, warn=lambda _: None)
             _say(f"  target: {len(samples)} rows, loss at scales {', '.join(f'{s:g}' for s in scales)}")
-            target["scores"] = score(model, samples, scales, pad)
-            prompts = [engine.chat_prompt(name, r["messages"][:-1], default_system=False) for r in rows]
+            target["scores"] = score(model, samples, scales, pad, base_model=base)
+            prompts = [run_renderer.prompt_ids(r["messages"][:-1]) if whole else
+                       engine.chat_prompt(name, r["messages"][:-1], default_system=False) for r in rows]
             refs = [r["messages"][-1]["content"] for r in rows]
-            base_out = generate(engine, None, prompts, args.max_new_tokens, "the base's answers to the target rows", _say)
-            tuned_out = generate(engine, name, prompts, args.max_new_tokens, "the tuned answers to the target rows", _say) \
-                if adapter else base_out
+            base_out = generate(engine, None, prompts, args.max_new_tokens, "the base's answers to the target rows",
+                                _say)
+            tuned_out = tuned(prompts, "the tuned answers to the target rows", base_out)
             target["answers"] = [{"reference": ref, "base": b["text"], "tuned": t["text"]}
                                  for ref, b, t in zip(refs, base_out, tuned_out)]
 
@@ -130,12 +173,12 @@ def evaluate(args) -> dict:
         # knew, at the prompts it knew it at; so the base's answers are cached once for every adapter of it
         probe_items = sets.builtin_prompts("general_probe", args.probe_limit)
         probe_prompts = [engine.chat_prompt(None, [{"role": "user", "content": p["prompt"]}]) for p in probe_items]
-        base_out = base_answers(engine, probe_prompts, args.max_new_tokens, "the base's answers to the general probe", _say)
-        tuned_out = generate(engine, name, probe_prompts, args.max_new_tokens, "the tuned answers to the general probe", _say) \
-            if adapter else base_out
+        base_out = base_answers(engine, probe_prompts, args.max_new_tokens, "the base's answers to the general probe",
+                                _say)
+        tuned_out = tuned(probe_prompts, "the tuned answers to the general probe", base_out)
         samples = [answer_sample(engine.base.renderer, ids, a) for ids, a in zip(probe_prompts, base_out)]
         _say(f"  general probe: {len(samples)} prompts, loss and KL at scales {', '.join(f'{s:g}' for s in scales)}")
-        probe = {"scores": score(model, samples, scales, pad),
+        probe = {"scores": score(model, samples, scales, pad, base_model=base),
                  "same": [b["text"] == t["text"] for b, t in zip(base_out, tuned_out)],
                  "examples": [{"prompt": p["prompt"], "base": b["text"], "tuned": t["text"]}
                               for p, b, t in list(zip(probe_items, base_out, tuned_out))[:5]]}
@@ -150,10 +193,12 @@ def evaluate(args) -> dict:
                     samples.append(s)
                     owner.append(q)
             _say(f"  {task}: {len(questions)} questions, {len(samples)} choices")
-            scores = score(model, samples, [1.0], pad)
+            scores = score(model, samples, [1.0], pad, base_model=base)
             choice[task] = report.mc_correct(questions, samples, owner, scores)
     finally:
         engine.close()
+        if tuned_engine is not None:
+            tuned_engine.close()
     return {"adapter": os.path.abspath(adapter) if adapter else None, "base_model": base_model, "scales": scales,
             "target": target, "probe": probe, "choice": choice, "seconds": time.time() - t0,
             "settings": {"limit": args.limit, "probe_limit": args.probe_limit, "mc_limit": args.mc_limit,
@@ -201,7 +246,7 @@ def add_arguments(p) -> None:
     p.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], default=list(sets.DEFAULT_TASKS),
                    help=f"multiple-choice tasks, comma-separated (default {','.join(sets.DEFAULT_TASKS)}; "
                    f"also {', '.join(t for t in sets.TASKS if t not in sets.DEFAULT_TASKS)}; none)")
-    p.add_argument("--scales", type=_floats, default=[0.0, 0.5, 1.0],
+    p.add_argument("--scales", type=_floats, default=None,
                    help="adapter scales of the learning-vs-forgetting sweep (default 0,0.5,1; each costs a pass over "
                    "the target rows and the probe)")
     p.add_argument("--max_new_tokens", type=int, default=24, help="length of the greedy answers (default 24)")

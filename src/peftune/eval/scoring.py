@@ -49,13 +49,13 @@ def _base(model):
 
 @torch.inference_mode()
 def score(model, samples: list[dict], scales: list[float], pad_id: int, micro_batch: int = 8,
-          progress=None) -> Scores:
+          progress=None, base_model=None) -> Scores:
     """samples: [{"input_ids", "labels"}] (IGNORE where nothing is scored). Scale 0 is always included (the base);
-    without an adapter every scale is the base."""
-    adapted = hasattr(model, "disable_adapter")
+    without an adapter every scale is the base. `base_model`: a whole tuned model (`model`, full/freeze) is scored
+    against this separate base, at scales 0 (the base) and 1 (the tuned model) only."""
+    adapted = hasattr(model, "disable_adapter") or base_model is not None
     scales = sorted({0.0, *map(float, scales)})
     out = Scores(nll={s: [] for s in scales}, kl={s: [] for s in scales})
-    head = causal_lm_parts(model)[1]
     model.eval()
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))  # little padding per batch
     for start in range(0, len(samples), micro_batch):
@@ -65,11 +65,14 @@ def score(model, samples: list[dict], scales: list[float], pad_id: int, micro_ba
         owner = keep.nonzero()[:, 0]  # the sample of each scored position
         targets = batch["targets"][keep]
 
-        def logprobs():
-            return F.log_softmax(head(final_hidden(model, batch)[keep]).float(), dim=-1)
+        def logprobs(m=model):
+            return F.log_softmax(causal_lm_parts(m)[1](final_hidden(m, batch)[keep]).float(), dim=-1)
 
-        with _base(model):
-            base = logprobs()
+        if base_model is not None:
+            base = logprobs(base_model)
+        else:
+            with _base(model):
+                base = logprobs()
         p_base = base.exp()
         out.tokens += keep.sum(dim=1).tolist()
         for s in scales:

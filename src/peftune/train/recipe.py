@@ -20,7 +20,7 @@ import time
 import torch
 
 from .. import adapters, methods, models
-from ..config import TrainConfig
+from ..config import FULL_MODEL, TrainConfig
 from ..options import save_config
 from ..data import batching
 from ..data.render import Renderer, get_template
@@ -33,8 +33,8 @@ from .guards import StopRequest, finite, return_large_buffers_to_os
 from .loss import accumulate_step, forward_loss_sum
 from .metrics import MetricsLog, progress
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "runs", "mlruns", "wandb", "adapter_config.json",
-             "adapter_model.safetensors", "checkpoints", "initial-adapter")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "runs", "mlruns", "wandb", "checkpoints", "initial-adapter",
+             *adapters.SAVED_FILES)
 
 
 def split_validation(rows: list, val_set_size: float, seed: int) -> tuple[list, list]:
@@ -180,13 +180,11 @@ def prepare_data(cfg: TrainConfig, say=print) -> tuple:
     else:
         train_rows, val_rows = split_validation(rows, cfg.val_set_size, cfg.seed)
     train_rows = apply_weights(train_rows, cfg.seed)
-    replayed = replay.replay_rows(cfg, len(train_rows), say)  # the forgetting guard (off unless replay is set)
     tokenizer = models.load_tokenizer(cfg.base_model, cfg.trust_remote_code)
     renderer = Renderer(tokenizer, get_template(cfg.prompt_template, tokenizer), cfg.cutoff_len,
                         cfg.train_on_inputs, cfg.add_eos_token, cfg.mask_history)
     train_set = renderer.render_all(train_rows, warn=say, skip_bad_rows=cfg.skip_bad_rows)
-    if replayed:
-        train_set += [{**s, "replay": True} for s in renderer.render_all(replayed, warn=say)]
+    train_set += replay.replay_samples(cfg, renderer, len(train_rows), say)  # the forgetting guard (off unless set)
     val_set = renderer.render_all(val_rows, warn=say, skip_bad_rows=cfg.skip_bad_rows) if val_rows else []
     return tokenizer, train_set, val_set
 
@@ -359,13 +357,17 @@ def train(cfg: TrainConfig, say=print) -> dict:
               "trainable_parameters": trainable, "base_model_bytes": base_bytes}
     if main:
         unwrapped = accelerator.unwrap_model(model)
-        path = adapters.save_adapter(unwrapped, cfg.output_dir, initial, adapter.save_pretrained)
-        result["adapter_bytes"] = os.path.getsize(path)
+        paths = adapters.save_adapter(unwrapped, cfg.output_dir, initial, adapter.save_pretrained)
+        result["adapter_bytes"] = sum(os.path.getsize(p) for p in paths)
         adapter.close()
         log.close()
         curves.plot(metrics_path, os.path.join(cfg.output_dir, "curves.png"))
-        say(f"adapter: {cfg.output_dir} ({adapters.human_bytes(result['adapter_bytes'])}; the base model is "
-            f"{adapters.human_bytes(base_bytes)}, {base_bytes / result['adapter_bytes']:.0f}x larger)")
+        if cfg.peft_method in FULL_MODEL:
+            say(f"model: {cfg.output_dir} ({adapters.human_bytes(result['adapter_bytes'])}, a whole model: use it "
+                f"as --base_model {cfg.output_dir})")
+        else:
+            say(f"adapter: {cfg.output_dir} ({adapters.human_bytes(result['adapter_bytes'])}; the base model is "
+                f"{adapters.human_bytes(base_bytes)}, {base_bytes / result['adapter_bytes']:.0f}x larger)")
         say(f"trained {tokens:,} tokens in {train_time - counters['eval_s']:.1f} s ({result['tokens_per_s']:.0f} "
             f"tokens/s, as in metrics.jsonl; evaluation took another {counters['eval_s']:.1f} s)"
             + (f", final eval_loss {eval_loss:.4f}" if eval_loss is not None else ""))

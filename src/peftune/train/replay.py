@@ -1,5 +1,5 @@
 """The forgetting guard: replay. The base model answers general prompts (greedy, through the shared engine, with
-the run's template and system prompt); those conversations are mixed into the training rows, so the tuned model is
+the run's template and system prompt); those answers are mixed into the training samples, so the tuned model is
 also trained to keep answering the way the base did. The answers are cached per base model, prompts and length
 (infer/answers.py): a second run, or a resume, reads them back. `replay_beta` adds a KL(base || tuned) term on the
 same tokens (loss.py), the base's distribution computed with the adapter switched off.
@@ -14,6 +14,7 @@ import random
 
 from ..config import TrainConfig
 from ..data.builtin import builtin_prompts
+from ..data.render import IGNORE
 from ..data.sources import add_system_prompt, load_rows
 from ..errors import PeftuneError
 
@@ -39,9 +40,11 @@ def conversations(cfg: TrainConfig, say=print) -> list[list[dict]]:
     return out
 
 
-def replay_rows(cfg: TrainConfig, train_rows: int, say=print) -> list[dict]:
-    """The replay rows for a run with this many training rows: conversations ending in the base's answer, each
-    marked `replay` (the KL term finds them by it). Empty when replay is off."""
+def replay_samples(cfg: TrainConfig, renderer, train_rows: int, say=print) -> list[dict]:
+    """The replay samples for a run with this many training rows: each a prompt the base answered, rendered with the
+    run's template and system prompt, and the base's answer as the labelled tokens; marked `replay` (the KL term
+    finds them by it). An answer that reached replay_max_tokens is trained on as far as it goes, without an end (so
+    the model does not learn to stop mid-sentence). Empty when replay is off."""
     want = replay_count(cfg.replay, train_rows)
     if not want:
         return []
@@ -52,30 +55,34 @@ def replay_rows(cfg: TrainConfig, train_rows: int, say=print) -> list[dict]:
         want = len(asked)
     chosen = sorted(random.Random(f"{cfg.seed}/replay").sample(range(len(asked)), want))
     rows = add_system_prompt([{"messages": asked[i]} for i in chosen], cfg.system_prompt)
-    answers = base_answers(cfg, [r["messages"] for r in rows], say)
+    prompts = [renderer.prompt_ids(r["messages"]) for r in rows]
+    answers = base_answers(cfg, prompts, say)
     out, cut = [], 0
-    for i, (row, answer) in zip(chosen, zip(rows, answers)):
-        if answer["finish_reason"] != "stop":
-            cut += 1  # an answer cut at replay_max_tokens would teach the model to stop mid-sentence
-            continue
-        out.append({"messages": row["messages"] + [{"role": "assistant", "content": answer["text"]}],
-                    "source": SOURCE, "row": i + 1, "weight": 1.0, "replay": True})
-    say(f"replay: {len(out)} rows of the base's own answers mixed into {train_rows} training rows"
-        + (f" ({cut} answers longer than replay_max_tokens {cfg.replay_max_tokens} left out)" if cut else ""))
+    for prompt, answer in zip(prompts, answers):
+        ids = renderer.encode(answer["text"])
+        if answer["finish_reason"] == "stop" and renderer.eos_id is not None:
+            ids.append(renderer.eos_id)
+        else:
+            cut += 1
+        sample = {"input_ids": (prompt + ids)[:cfg.cutoff_len],
+                  "labels": ([IGNORE] * len(prompt) + ids)[:cfg.cutoff_len], "replay": True}
+        if any(label != IGNORE for label in sample["labels"][1:]):
+            out.append(sample)
+    say(f"replay: {len(out)} samples of the base's own answers mixed into {train_rows} training rows"
+        + (f" ({cut} of them cut at replay_max_tokens {cfg.replay_max_tokens})" if cut else ""))
     return out
 
 
-def base_answers(cfg: TrainConfig, conversations: list[list[dict]], say=print) -> list[dict]:
-    """The base model's greedy answers to these conversations, rendered as training renders them."""
+def base_answers(cfg: TrainConfig, prompts: list[list[int]], say=print) -> list[dict]:
+    """The base model's greedy answers to these prompts (token ids, as training renders them)."""
     from ..infer.answers import base_answers as cached_answers
     from ..infer.engine import Engine
 
     # fp32: its batched answers equal its alone ones, so the cache and a regeneration agree (a resume that finds the
-    # cache deleted trains on the same rows)
-    engine = Engine(cfg.base_model, {}, dtype="fp32", prompt_template=cfg.prompt_template, max_batch=32,
-                    max_queue=64, trust_remote_code=cfg.trust_remote_code)
+    # cache deleted trains on the same samples)
+    engine = Engine(cfg.base_model, {}, dtype="fp32", max_batch=32, max_queue=64,
+                    trust_remote_code=cfg.trust_remote_code)
     try:
-        prompts = [engine.chat_prompt(None, c, default_system=False) for c in conversations]
         return cached_answers(engine, prompts, cfg.replay_max_tokens, "replay: the base's answers", say)
     finally:
         engine.close()
