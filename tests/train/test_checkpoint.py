@@ -227,3 +227,13 @@ def test_output_dir_and_resume_are_checked_before_the_data_is_read(tiny_model_di
     proc = run(tiny_model_dir, str(tmp_path / "missing.json"), out, "--resume_from_checkpoint", "auto",
                "--lora_r", "8")
     assert proc.returncode == 2 and "lora_r: 4 then, 8 now" in proc.stderr, proc.stderr
+
+
+def test_a_setting_added_later_at_its_default_does_not_block_a_resume():
+    from peftune.errors import PeftuneError
+    from peftune.train import checkpoint as ckpt
+
+    saved = {"seed": 42, "peft_method": "lora"}  # a checkpoint written before `replay` existed
+    ckpt.compare_fingerprints(saved, {**saved, "replay": 0, "replay_beta": 0.0}, "step-5")
+    with pytest.raises(PeftuneError, match="replay: None then, 0.5 now"):
+        ckpt.compare_fingerprints(saved, {**saved, "replay": 0.5}, "step-5")

@@ -164,9 +164,23 @@ def resolve_resume(output_dir: str, setting: str | None, say=print) -> str | Non
 LEGACY_KEYS = ("num_epochs", "max_steps")  # in fingerprints before runs could be extended; no longer compared
 
 
+def _newer_default(saved: dict, current: dict, key: str) -> bool:
+    """A setting added after the checkpoint was written, at its default: the run did not use it then either."""
+    import dataclasses
+
+    from ..config import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if key in saved or key not in fields:
+        return False
+    f = fields[key]
+    return current.get(key) == (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+
+
 def compare_fingerprints(saved: dict, current: dict, path: str, ignore: tuple = ()) -> None:
     skip = set(ignore) | set(LEGACY_KEYS)
-    changed = [k for k in sorted(set(saved) | set(current)) if k not in skip and saved.get(k) != current.get(k)]
+    changed = [k for k in sorted(set(saved) | set(current)) if k not in skip and saved.get(k) != current.get(k)
+               and not _newer_default(saved, current, k)]
     if changed:
         detail = "; ".join(f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now" for k in changed[:5])
         raise PeftuneError(f"cannot resume from {path}: the run changed ({detail}); resume with the settings it was "
