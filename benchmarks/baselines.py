@@ -2,7 +2,7 @@
 layers), each trained with the demo's settings (examples/identity.yaml) and then measured by `peftune eval`, plus
 replay variants of the demo. Prints the table of docs/methods.md.
 
-    .venv/bin/python benchmarks/baselines.py --max_steps 40             # lora, full, freeze: about 1 h on 2 cores
+    .venv/bin/python benchmarks/baselines.py --max_steps 40             # lora, full, freeze: about 50 min on 2 cores
     .venv/bin/python benchmarks/baselines.py --arms full,freeze --reuse  # only these; finished arms are kept
     .venv/bin/python benchmarks/baselines.py --arms lora,replay          # the demo with and without replay
 
