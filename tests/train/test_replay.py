@@ -4,6 +4,7 @@ turn; the KL-to-base term is the KL between the adapter-off and adapter-on distr
 zero for an untouched adapter, and its gradient is what accumulate_step adds."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -66,6 +67,15 @@ def test_replay_samples_are_the_bases_answers_and_cached(tiny_model_dir, tokeniz
            "replay_max_tokens 6)" in said
     # read back from the cache: nothing generated, the same samples
     assert replay.replay_samples(cfg, renderer, 40, said.append) == samples and asked == [6]
+    # a changed base (its weights file rewritten) answers again
+    weights = os.path.join(tiny_model_dir, "model.safetensors")
+    stat = os.stat(weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        replay.replay_samples(cfg, renderer, 40, said.append)
+        assert asked == [6, 6]
+    finally:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     # a share of the training rows; more than the set holds is capped with a note
     monkeypatch.setattr(answers, "generate", lambda engine, name, prompts, *a, **k:
                         [{"text": "ok", "finish_reason": "stop"}] * len(prompts))
