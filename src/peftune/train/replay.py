@@ -4,8 +4,8 @@ also trained to keep answering the way the base did. The answers are cached per 
 (infer/answers.py): a second run, or a resume, reads them back. `replay_beta` adds a KL(base || tuned) term on the
 same tokens (loss.py), the base's distribution computed with the adapter switched off.
 
-Why not peers' way: none of alpaca-lora, LLaMA-Factory, axolotl or TRL's SFT trainer mixes the base's own answers in;
-mixing general instruction data (which the demo also does) teaches other people's answers, not the base's.
+Mixing general instruction data (which the demo also does) teaches other people's answers to general prompts; replay
+teaches the base's own, which is what "keeping what the base knew" means here (and what `peftune eval`'s probe checks).
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ from ..data.builtin import builtin_prompts
 from ..data.render import IGNORE
 from ..data.sources import add_system_prompt, load_rows
 from ..errors import PeftuneError
-
-SOURCE = "replay"
-
 
 def replay_count(replay: float, train_rows: int) -> int:
     """Rows asked for: a count as given, or a share of the training rows."""
