@@ -7,12 +7,12 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import train_process
 
 from peftune import cli, methods
 from peftune.config import TrainConfig
@@ -209,13 +209,8 @@ def test_adalora_prunes_to_the_budget(tiny_model_dir, data_file, tmp_path):
 
 # ---------------------------------------------------------------- exact resume
 def _run(tiny_model_dir, data_file, out, extra, fault=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("PEFTUNE_FAULT", None)
-    if fault:
-        env["PEFTUNE_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "peftune.cli", "train", "--base_model", tiny_model_dir,
-                           "--data_path", data_file, "--output_dir", str(out), *BASE, "--num_epochs", "2",
-                           "--logging_steps", "1", *extra], env=env, capture_output=True, text=True)
+    return train_process(tiny_model_dir, data_file, out, *BASE, "--num_epochs", "2", "--logging_steps", "1", *extra,
+                         fault=fault)
 
 
 def _sha(path):

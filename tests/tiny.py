@@ -73,3 +73,21 @@ def make_adapter(tiny_model_dir, tokenizer, cfg, path, seed=0, noise=0.1):
                 p.add_(torch.randn_like(p) * noise)
     model.save_pretrained(path)
     return model.eval()
+
+
+def train_process(base_model: str, data_file: str, out, *args: str, fault: str | None = None, wait: bool = True):
+    """`peftune train` in a process of its own (so PEFTUNE_FAULT can kill it with -9): the finished run, or with
+    wait=False the running Popen."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("PEFTUNE_FAULT", None)
+    if fault:
+        env["PEFTUNE_FAULT"] = fault
+    cmd = [sys.executable, "-m", "peftune.cli", "train", "--base_model", base_model, "--data_path", data_file,
+           "--output_dir", str(out), *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -97,6 +97,12 @@ def save_adapter(model, output_dir: str, initial: dict[str, tuple], save) -> lis
     return [os.path.join(output_dir, name) for name in files]
 
 
+def is_whole_model(path: str) -> bool:
+    """A directory holding a whole model (peft_method full/freeze writes one): config.json, no adapter_config.json."""
+    return os.path.isfile(os.path.join(path, "config.json")) and \
+        not os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
 def run_config(adapter_dir: str, flag: str = "--adapter") -> dict:
     """The config.yaml of the run that trained an adapter directory (for a checkpoint `RUN/checkpoints/step-N`, the
     run's); {} for a plain PEFT adapter. Raises a PeftuneError naming `flag` when the directory is no adapter."""
@@ -105,7 +111,7 @@ def run_config(adapter_dir: str, flag: str = "--adapter") -> dict:
     if not os.path.exists(adapter_dir):
         raise PeftuneError(f"{flag} {adapter_dir}: no such directory")
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
-        if os.path.isfile(os.path.join(adapter_dir, "config.json")):  # peft_method full/freeze writes a whole model
+        if is_whole_model(adapter_dir):
             raise PeftuneError(f"{flag} {adapter_dir}: a whole model, not an adapter (peft_method full or freeze): "
                                f"use --base_model {adapter_dir}")
         raise PeftuneError(f"{flag} {adapter_dir}: no adapter_config.json there (not a trained adapter directory)")

@@ -250,7 +250,7 @@ class TrainConfig:
                 raise PeftuneError(f"{f.name}: must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}"
                                    + _suggest(str(getattr(self, f.name)), choices))
         foreign = [f for f in dataclasses.fields(self) if f.metadata.get("methods")
-                   and self.peft_method not in f.metadata["methods"] and getattr(self, f.name) != _default(f)]
+                   and self.peft_method not in f.metadata["methods"] and getattr(self, f.name) != field_default(f)]
         if foreign:
             owners = "; ".join(f"{f.name} is for {', '.join(f.metadata['methods'])}" for f in foreign)
             raise PeftuneError(f"{', '.join(f.name for f in foreign)}: not used by peft_method {self.peft_method} "
@@ -283,7 +283,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _default(f) -> Any:
+def field_default(f) -> Any:
+    """A TrainConfig field's default value (its factory's result for lists and dicts)."""
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 

@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .config import FORMATS, SOURCE_KEYS, DataSource, TrainConfig, _default, _suggest
+from .config import FORMATS, SOURCE_KEYS, DataSource, TrainConfig, _suggest, field_default
 from .errors import PeftuneError
 
 
@@ -195,7 +195,7 @@ def _drop_foreign_keys(cls, merged: dict, origin: dict, path: Optional[str], say
     method_field = next((f for f in dataclasses.fields(cls) if f.name == "peft_method"), None)
     if method_field is None:
         return
-    method = merged.get("peft_method", _default(method_field))
+    method = merged.get("peft_method", field_default(method_field))
     foreign = [f for f in dataclasses.fields(cls) if f.name in merged and f.metadata.get("methods")
                and method not in f.metadata["methods"]]
     switched = origin.get("peft_method") == "command line"
@@ -229,7 +229,7 @@ def help_text(cls=TrainConfig) -> str:
     lines = []
     types = _field_types(cls)
     for f in dataclasses.fields(cls):
-        default = _default(f)
+        default = field_default(f)
         typ = getattr(types[f.name], "__name__", str(types[f.name]).replace("typing.", ""))
         lines.append(f"  --{f.name} ({typ}, default: {default!r})\n      {f.metadata['help']}")
     return "\n".join(lines)
@@ -238,7 +238,7 @@ def help_text(cls=TrainConfig) -> str:
 def markdown_docs(cls=TrainConfig) -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(cls):
-        default = _default(f)
+        default = field_default(f)
         rows.append(f"| `{f.name}` | `{default!r}` | {f.metadata['help'].replace('|', '/')} |")
     return ("# Training configuration\n\nGenerated from `src/peftune/config.py` by `peftune docs`; every key works in a "
             "YAML config and as `--key value` on the command line.\n\n" + "\n".join(rows) + "\n")

@@ -11,8 +11,7 @@ from tiny import make_adapter
 
 from peftune import cli
 from peftune.config import TrainConfig
-from peftune.eval import run as eval_run
-from peftune.eval import sets
+from peftune.data.builtin import builtin_prompts
 from peftune.infer import answers
 from peftune.eval.scoring import _scaled, score
 
@@ -123,8 +122,8 @@ def test_the_prompt_sets_are_disjoint_from_each_other_and_from_the_demo():
 
     from peftune.data.sources import load_rows
 
-    probe = [p["prompt"] for p in sets.builtin_prompts("general_probe")]
-    replay = [p["prompt"] for p in sets.builtin_prompts("replay")]
+    probe = [p["prompt"] for p in builtin_prompts("general_probe")]
+    replay = [p["prompt"] for p in builtin_prompts("replay")]
     assert len(set(probe)) >= 200 and len(set(replay)) >= 200 and not set(probe) & set(replay)
     root = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)
     with open(os.path.join(root, "examples", "identity.yaml"), encoding="utf-8") as fh:
@@ -133,7 +132,7 @@ def test_the_prompt_sets_are_disjoint_from_each_other_and_from_the_demo():
     taught = {m["content"].strip() for r in load_rows(sources, demo["data_vars"], TrainConfig.seed)
               for m in r["messages"] if m["role"] == "user"}
     assert taught and not taught & set(probe) and not taught & set(replay)
-    assert len(sets.builtin_prompts("general_probe", 50)) == 50
+    assert len(builtin_prompts("general_probe", 50)) == 50
 
 
 @pytest.mark.parametrize("argv, needle", [

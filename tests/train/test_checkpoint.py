@@ -7,11 +7,10 @@ import json
 import os
 import pickle
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
+from tiny import train_process
 
 from peftune import cli
 from peftune.train import checkpoint
@@ -23,15 +22,7 @@ ARGS = ["--data_vars.name", "Aurora", "--data_vars.author", "Lumen Labs", "--bat
 
 
 def run(tiny_model_dir, data_file, out, *extra, fault=None, wait=True):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("PEFTUNE_FAULT", None)
-    if fault:
-        env["PEFTUNE_FAULT"] = fault
-    cmd = [sys.executable, "-m", "peftune.cli", "train", "--base_model", tiny_model_dir, "--data_path", data_file,
-           "--output_dir", str(out), *ARGS, *extra]
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True)
+    return train_process(tiny_model_dir, data_file, out, *ARGS, *extra, fault=fault, wait=wait)
 
 
 def sha(path):

@@ -2,17 +2,17 @@
 through the same loop, save a whole model (safetensors + tokenizer) that transformers loads and `peftune chat
 --base_model` runs, and resume bit-exactly after kill -9."""
 
-import hashlib
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tiny import train_process
+
 from peftune import cli
+from peftune.io import sha256_files
 
 BASE = ["--data_vars.name", "Aurora", "--data_vars.author", "Lumen Labs", "--batch_size", "4",
         "--micro_batch_size", "2", "--num_epochs", "1", "--val_set_size", "4", "--eval_steps", "2",
@@ -77,13 +77,8 @@ def test_refused(extra, message, tiny_model_dir, data_file, tmp_path, capsys):
 
 
 def _run(tiny_model_dir, data_file, out, extra, fault=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("PEFTUNE_FAULT", None)
-    if fault:
-        env["PEFTUNE_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "peftune.cli", "train", "--base_model", tiny_model_dir,
-                           "--data_path", data_file, "--output_dir", str(out), *BASE, "--num_epochs", "2",
-                           "--logging_steps", "1", *extra], env=env, capture_output=True, text=True)
+    return train_process(tiny_model_dir, data_file, out, *BASE, "--num_epochs", "2", "--logging_steps", "1", *extra,
+                         fault=fault)
 
 
 @pytest.mark.parametrize("method", ["full", "freeze"])
@@ -97,8 +92,4 @@ def test_kill_9_then_resume_is_bit_identical(method, tiny_model_dir, data_file, 
     resumed = _run(tiny_model_dir, data_file, out, extra + ["--resume_from_checkpoint", "auto"])
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
-
-    def sha(path):
-        return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-    assert sha(out / "model.safetensors") == sha(ref / "model.safetensors")
+    assert sha256_files(out / "model.safetensors") == sha256_files(ref / "model.safetensors")

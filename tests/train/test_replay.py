@@ -63,7 +63,7 @@ def test_replay_samples_are_the_bases_answers_and_cached(tiny_model_dir, tokeniz
         assert s["labels"][n:] == s["input_ids"][n:]
     ended = [s for s in samples if s["input_ids"][-1] == renderer.eos_id]
     assert len(ended) == 3  # the answers that stopped end in EOS; the cut ones do not
-    assert f"replay: 6 samples of the base's own answers mixed into 40 training rows (3 of them cut at " \
+    assert "replay: 6 samples of the base's own answers mixed into 40 training rows (3 of them cut at " \
            "replay_max_tokens 6)" in said
     # read back from the cache: nothing generated, the same samples
     assert replay.replay_samples(cfg, renderer, 40, said.append) == samples and asked == [6]

@@ -8,13 +8,13 @@ cached answers and a re-run agree); losses and KL are teacher-forced through pef
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
 from .. import models
-from ..adapters import base_of, run_config
+from ..adapters import base_of, is_whole_model, run_config
+from ..data.builtin import builtin_prompts, spread
 from ..errors import PeftuneError
 from ..infer.answers import base_answers, generate
 from . import report, sets
@@ -22,17 +22,12 @@ from .scoring import score, scalable
 
 DEFAULT_SCALES = (0.0, 0.5, 1.0)
 
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------- target rows
-def is_whole_model(path: str) -> bool:
-    """A peft_method full/freeze run's directory: a model (config.json + safetensors), no adapter_config.json."""
-    return os.path.isfile(os.path.join(path, "config.json")) and \
-        not os.path.isfile(os.path.join(path, "adapter_config.json"))
-
-
 def whole_model_run(path: str) -> dict:
     import yaml
 
@@ -43,10 +38,6 @@ def whole_model_run(path: str) -> dict:
     with open(run, encoding="utf-8") as fh:
         loaded = yaml.safe_load(fh)
     return loaded if isinstance(loaded, dict) else {}
-
-
-def scales_given(args) -> bool:
-    return args.scales is not None
 
 
 def target_rows(adapter: str | None, data: list[str], limit: int, run: dict) -> tuple[list[dict], object]:
@@ -69,7 +60,7 @@ def target_rows(adapter: str | None, data: list[str], limit: int, run: dict) -> 
     else:
         return [], cfg
     rows = [r for r in add_system_prompt(rows, cfg.system_prompt) if "messages" in r]
-    return sets.spread(rows, limit), cfg
+    return spread(rows, limit), cfg
 
 
 # ---------------------------------------------------------------------- samples
@@ -103,7 +94,7 @@ def evaluate(args) -> dict:
     if not base_model:
         raise PeftuneError("eval: give --adapter DIR (a trained adapter, or a full/freeze run's model) or "
                            "--base_model M (the base alone)")
-    if whole and scales_given(args):
+    if whole and args.scales is not None:
         raise PeftuneError("--scales: a whole tuned model (peft_method full/freeze) has no adapter to scale")
     for flag in ("limit", "probe_limit", "mc_limit", "max_new_tokens"):
         if getattr(args, flag) < 1:
@@ -171,7 +162,7 @@ def evaluate(args) -> dict:
         # forgetting: the general probe, against the base's own answers
         # asked the base's way (its chat template and default system prompt), tuned and base alike: what the base
         # knew, at the prompts it knew it at; so the base's answers are cached once for every adapter of it
-        probe_items = sets.builtin_prompts("general_probe", args.probe_limit)
+        probe_items = builtin_prompts("general_probe", args.probe_limit)
         probe_prompts = [engine.chat_prompt(None, [{"role": "user", "content": p["prompt"]}]) for p in probe_items]
         base_out = base_answers(engine, probe_prompts, args.max_new_tokens, "the base's answers to the general probe",
                                 _say)

@@ -9,7 +9,7 @@ import importlib.util
 import json
 import os
 
-from ..data.builtin import builtin_prompts, spread  # noqa: F401 (the eval's prompts)
+from ..data.builtin import spread
 from ..errors import PeftuneError
 
 # task -> licence of its data (docs/eval.md lists them)

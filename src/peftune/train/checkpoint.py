@@ -168,13 +168,10 @@ def _newer_default(saved: dict, current: dict, key: str) -> bool:
     """A setting added after the checkpoint was written, at its default: the run did not use it then either."""
     import dataclasses
 
-    from ..config import TrainConfig
+    from ..config import TrainConfig, field_default
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    if key in saved or key not in fields:
-        return False
-    f = fields[key]
-    return current.get(key) == (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+    return key not in saved and key in fields and current.get(key) == field_default(fields[key])
 
 
 def compare_fingerprints(saved: dict, current: dict, path: str, ignore: tuple = ()) -> None:
