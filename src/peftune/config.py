@@ -87,6 +87,9 @@ class TrainConfig:
     replay_beta: float = _f(0.0, "Weight of a KL(base || tuned) term on the replay answers' tokens, the base's "
                             "distribution computed with the adapter switched off (no second model in memory); "
                             "0 = replay trains on the base's answers by cross-entropy alone.")
+    replay_ce: bool = _f(True, "Train the replay answers' tokens by cross-entropy on the base's greedy tokens. false: "
+                         "by the replay_beta KL term alone (distillation of the base's whole distribution, which "
+                         "does not sharpen the model onto its greedy answers); needs replay_beta > 0.")
     # --- optimisation (alpaca-lora's names) ---
     batch_size: int = _f(16, "Global batch size in samples per optimizer step (gradient accumulation = "
                          "batch_size / micro_batch_size / processes).")
@@ -238,6 +241,8 @@ class TrainConfig:
             raise PeftuneError(f"replay_beta: must be >= 0, got {self.replay_beta}")
         if self.replay_beta and not self.replay:
             raise PeftuneError("replay_beta weighs a KL term on the replay rows: set replay too (e.g. --replay 0.25)")
+        if not self.replay_ce and not self.replay_beta:
+            raise PeftuneError("replay_ce: false trains the replay rows by the KL term alone: set replay_beta > 0 too")
         if self.replay_max_tokens < 1:
             raise PeftuneError(f"replay_max_tokens: must be >= 1, got {self.replay_max_tokens}")
         if not 0 <= self.warmup_ratio < 1:

@@ -32,6 +32,8 @@ def test_replay_count():
         TrainConfig(data_path=["x"], replay=2.5).validate()
     with pytest.raises(PeftuneError, match="set replay too"):
         TrainConfig(data_path=["x"], replay_beta=0.1).validate()
+    with pytest.raises(PeftuneError, match="set replay_beta > 0 too"):
+        TrainConfig(data_path=["x"], replay=10, replay_ce=False).validate()
 
 
 def test_replay_samples_are_the_bases_answers_and_cached(tiny_model_dir, tokenizer, cache, monkeypatch):
@@ -157,18 +159,29 @@ def test_kl_to_base(tiny_model_dir, tokenizer):
     # accumulate_step: the CE gradient plus beta x the KL gradient; the reported loss is the CE alone
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def grads(beta):
+    def grads(beta, replay_ce=True, step=samples):
         model.zero_grad()
-        loss, tokens = accumulate_step(model, [samples], batching.collate_packed, lambda x: x.backward(), beta=beta)
+        loss, tokens = accumulate_step(model, [step], batching.collate_packed, lambda x: x.backward(), beta=beta,
+                                       replay_ce=replay_ce)
         return loss, tokens, [p.grad.clone() for p in params]
 
     ce_loss, tokens, ce = grads(0.0)
     both_loss, _, both = grads(0.5)
     model.zero_grad()
     (kl_to_base_sum(model, batch, final_hidden(model, batch)) / tokens).backward()
+    kl_grad = [p.grad.clone() for p in params]
     assert both_loss == ce_loss
-    for g0, g1, p in zip(ce, both, params):
-        assert torch.allclose(g1, g0 + 0.5 * p.grad, atol=1e-6)
+    for g0, g1, g_kl in zip(ce, both, kl_grad):
+        assert torch.allclose(g1, g0 + 0.5 * g_kl, atol=1e-6)
+
+    # replay_ce False: the replay row's tokens get the KL term only; the other row's CE is reported (its own tokens)
+    # and divided, like the KL, by all the step's trained tokens
+    target_loss, target_tokens, target_grad = grads(0.0, step=samples[:1])
+    kl_only_loss, reported, kl_only = grads(0.5, replay_ce=False)
+    assert reported == target_tokens == tokens // 2
+    assert abs(kl_only_loss - target_loss) < 1e-5 * target_loss
+    for g_t, g, g_kl in zip(target_grad, kl_only, kl_grad):
+        assert torch.allclose(g, g_t * target_tokens / tokens + 0.5 * g_kl, atol=1e-6)
 
 
 def test_train_with_replay_and_beta(tiny_model_dir, data_file, tmp_path, cache, capsys, monkeypatch):

@@ -112,13 +112,17 @@ def kl_to_base_sum(model, batch: dict, hidden: torch.Tensor, chunk: int = CHUNK)
 
 
 def accumulate_step(model, micro_batches: list[list[dict]], collate, backward, forward_context=None,
-                    sync_context=None, penalty=None, beta: float = 0.0) -> tuple[float, int]:
+                    sync_context=None, penalty=None, beta: float = 0.0,
+                    replay_ce: bool = True) -> tuple[float, int]:
     """Forward + backward over the micro-batches of one optimizer step. Each micro-batch's loss sum is divided by
     the trained tokens of the whole step, so the accumulated gradient equals that of one big batch. `penalty`
     (e.g. AdaLoRA's orthogonality term) is added once per step, not per micro-batch, and is not in the reported loss;
-    likewise `beta` x the KL to the base on replay tokens (kl_to_base_sum). Returns (summed loss, trained tokens)."""
+    likewise `beta` x the KL to the base on replay tokens (kl_to_base_sum). `replay_ce` False: the replay tokens are
+    trained by that KL term alone (no cross-entropy on the base's greedy tokens); the reported loss and token count are
+    then those of the other tokens. Every term is divided by all the step's trained tokens. Returns (summed loss,
+    reported tokens)."""
     step_tokens = sum(trained_tokens(mb) for mb in micro_batches)
-    total = 0.0
+    total, reported = 0.0, step_tokens
     for k, mb in enumerate(micro_batches):
         last = k == len(micro_batches) - 1
         with (sync_context(last) if sync_context else contextlib.nullcontext()), \
@@ -126,7 +130,11 @@ def accumulate_step(model, micro_batches: list[list[dict]], collate, backward, f
             batch = collate(mb)
             if beta and "kl_mask" in batch:
                 hidden = final_hidden(model, batch)
-                loss_sum = lm_loss_sum(hidden, causal_lm_parts(model)[1], batch["targets"])
+                targets = batch["targets"]
+                if not replay_ce:
+                    targets = targets.masked_fill(batch["kl_mask"], IGNORE)
+                    reported -= int(batch["kl_mask"].sum())
+                loss_sum = lm_loss_sum(hidden, causal_lm_parts(model)[1], targets)
                 objective = loss_sum + beta * kl_to_base_sum(model, batch, hidden)
             else:
                 objective = loss_sum = forward_loss_sum(model, batch)
@@ -135,4 +143,5 @@ def accumulate_step(model, micro_batches: list[list[dict]], collate, backward, f
     extra = penalty() if penalty else None
     if extra is not None:
         backward(extra)
-    return total, step_tokens
+    return total, reported
+

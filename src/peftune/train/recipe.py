@@ -84,7 +84,7 @@ TRAJECTORY_KEYS = ("base_model", "prompt_template", "system_prompt", "cutoff_len
                    "add_eos_token", "batch_size", "micro_batch_size", "learning_rate", "lr_scheduler",
                    "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "group_by_length", "packing",
                    "mixed_precision", "seed", "nan_policy", "peft_method", "load_in_4bit", "load_in_8bit", "replay",
-                   "replay_data", "replay_max_tokens", "replay_beta",
+                   "replay_data", "replay_max_tokens", "replay_beta", "replay_ce",
                    *(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("methods")))
 
 
@@ -297,7 +297,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
             loss_sum, step_tokens = accumulate_step(
                 model, micro_batches, lambda mb: to_device(collate(mb)), accelerator.backward, accelerator.autocast,
                 lambda last: contextlib.nullcontext() if last else accelerator.no_sync(model),
-                lambda: adapter.penalty(accelerator.unwrap_model(model)), cfg.replay_beta)
+                lambda: adapter.penalty(accelerator.unwrap_model(model)), cfg.replay_beta, cfg.replay_ce)
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             done = step + 1
             if not finite(loss_sum, float(grad_norm)):
