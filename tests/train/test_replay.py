@@ -155,6 +155,11 @@ def test_kl_to_base(tiny_model_dir, tokenizer):
     p, q = base[mask].log_softmax(-1), tuned[mask].log_softmax(-1)
     expected = (p.exp() * (p - q)).sum()
     assert kl.item() > 0 and abs(kl.item() - expected.item()) < 1e-4 * expected.item()
+    # the base's forward on the replay samples alone gives the same KL, packed or padded
+    for collate in (batching.collate_packed, lambda c: batching.collate_padded(c, 0)):
+        whole = collate(samples)
+        alone = kl_to_base_sum(model, whole, final_hidden(model, whole), base_batch=collate(samples[1:]))
+        assert abs(alone.item() - expected.item()) < 1e-4 * expected.item()
 
     # accumulate_step: the CE gradient plus beta x the KL gradient; the reported loss is the CE alone
     params = [p for p in model.parameters() if p.requires_grad]

@@ -90,14 +90,18 @@ def adapter_off(model):
         yield
 
 
-def kl_to_base_sum(model, batch: dict, hidden: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def kl_to_base_sum(model, batch: dict, hidden: torch.Tensor, chunk: int = CHUNK, base_batch: dict | None = None
+                   ) -> torch.Tensor:
     """Sum of KL(base || tuned) over the positions of batch["kl_mask"] (the replay answers' tokens), in chunks
-    recomputed in the backward pass like the loss. `hidden`: the tuned model's final hidden states of the batch."""
+    recomputed in the backward pass like the loss. `hidden`: the tuned model's final hidden states of the batch.
+    `base_batch`: the batch's replay samples alone, collated the same way: the base's forward runs on them only (a
+    sample's hidden states do not depend on the others in its batch; their kl_mask positions come in the same order)."""
     mask = batch["kl_mask"]
     if not bool(mask.any()):
         return hidden.sum() * 0.0
+    base_batch = base_batch if base_batch is not None else batch
     with torch.no_grad(), adapter_off(model):
-        base = final_hidden(model, batch)[mask]
+        base = final_hidden(model, base_batch)[base_batch["kl_mask"]]
     tuned = hidden[mask]
     head = causal_lm_parts(model)[1]
     plain = getattr(head, "bias", None) is None and type(head) is torch.nn.Linear
@@ -135,7 +139,9 @@ def accumulate_step(model, micro_batches: list[list[dict]], collate, backward, f
                     targets = targets.masked_fill(batch["kl_mask"], IGNORE)
                     reported -= int(batch["kl_mask"].sum())
                 loss_sum = lm_loss_sum(hidden, causal_lm_parts(model)[1], targets)
-                objective = loss_sum + beta * kl_to_base_sum(model, batch, hidden)
+                replayed = [s for s in mb if s.get("replay")]
+                base_batch = collate(replayed) if len(replayed) < len(mb) else None
+                objective = loss_sum + beta * kl_to_base_sum(model, batch, hidden, base_batch=base_batch)
             else:
                 objective = loss_sum = forward_loss_sum(model, batch)
         backward(objective / max(step_tokens, 1))
