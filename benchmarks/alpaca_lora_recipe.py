@@ -54,7 +54,9 @@ def main(spec_path: str) -> None:
     rows = json.load(open(spec["data"]))
     train_data = [generate_and_tokenize_prompt(r) for r in rows]
 
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+    lora = spec.get("lora", {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]})  # speed.py's run 3: the demo's
+    targets = "all-linear" if lora["targets"] == ["all-linear"] else lora["targets"]
+    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=targets,
                                              lora_dropout=0.05, bias="none", task_type="CAUSAL_LM"))
     model.config.use_cache = False
     collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)

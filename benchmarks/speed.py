@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/speed.py            # about 10 minutes on a 2-core CPU
     .venv/bin/python benchmarks/speed.py --train_rows 64 --val_rows 16   # a quicker look
 
-Two runs: (1) the recipe's own settings (train_on_inputs true) and (2) peftune's default masking
+Three runs: (1) the recipe's own settings (train_on_inputs true) and (2) peftune's default masking
 (train_on_inputs false), each with the recipe's LoRA (r=8, alpha=16, dropout 0.05 on q_proj,v_proj),
-cutoff 256, micro batch 4, batch 16, one epoch over the same rows. Each arm runs in its own process; it
+cutoff 256, micro batch 4, batch 16; (3) the demo's LoRA (r=16, alpha=32, all linear layers, cutoff 384,
+micro batch 4, batch 8, response only) for both arms. Each is one epoch over the same rows. Each arm runs in its own process; it
 reports real (non-padding) tokens/s, the padding share, its peak RSS, and the validation loss on the same
 held-out rows, computed by one shared evaluator (fp32, token-weighted). Also: peftune's model FLOPs
 utilisation against the matmul peak measured in this run (4 x parameters FLOPs per token for a LoRA step).
@@ -56,8 +57,9 @@ def peftune_arm(spec: dict) -> None:
                       overwrite_output_dir=True, prompt_template="alpaca", cutoff_len=spec["cutoff_len"],
                       train_on_inputs=spec["train_on_inputs"], val_set_size=0, batch_size=spec["batch_size"],
                       micro_batch_size=spec["micro_batch_size"], num_epochs=1, learning_rate=spec["learning_rate"],
-                      lr_scheduler="linear", warmup_steps=spec["warmup_steps"], lora_r=8, lora_alpha=16,
-                      lora_dropout=0.05, lora_target_modules=["q_proj", "v_proj"], seed=spec["seed"],
+                      lr_scheduler="linear", warmup_steps=spec["warmup_steps"], lora_r=spec["lora"]["r"],
+                      lora_alpha=spec["lora"]["alpha"], lora_dropout=0.05,
+                      lora_target_modules=spec["lora"]["targets"], seed=spec["seed"],
                       logging_steps=1000)
     out = recipe.train(cfg, say=lambda m: None)
     result = {"real_tokens": out["tokens"], "padded_tokens": out["tokens"], "train_time_s": out["train_time_s"],
@@ -87,12 +89,12 @@ def matmul_peak(dtype_name: str, seconds: float = 3.0) -> float:
 def run_arm(arm: str, spec: dict) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([HERE, os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")]))
-    path = os.path.join(spec["workdir"], f"{arm}-{int(spec['train_on_inputs'])}.json")
+    path = os.path.join(spec["workdir"], f"{arm}-{spec['run']}.json")
     with open(path, "w") as fh:
         json.dump(spec, fh)
     script = os.path.join(HERE, "alpaca_lora_recipe.py") if arm == "recipe" else os.path.abspath(__file__)
     cmd = [sys.executable, script, path] if arm == "recipe" else [sys.executable, script, "--arm", path]
-    log = os.path.join(spec["workdir"], f"{arm}-{int(spec['train_on_inputs'])}.log")
+    log = os.path.join(spec["workdir"], f"{arm}-{spec['run']}.log")
     with open(log, "w") as fh:
         if subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode:
             sys.exit(f"the {arm} arm failed; its output is in {log}")
@@ -107,6 +109,7 @@ def main() -> None:
     p.add_argument("--train_rows", type=int, default=128)
     p.add_argument("--val_rows", type=int, default=48)
     p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--runs", default="1,2,3", help="which runs, e.g. 3 for the demo's settings alone")
     args = p.parse_args()
     if args.arm:
         with open(args.arm) as fh:
@@ -132,19 +135,24 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"matmul peak fp32 {peak['float32']:.0f} GFLOP/s, bf16 {peak['bfloat16']:.0f} GFLOP/s")
     print(f"model: {args.model} ({params / 1e6:.1f} M parameters); {args.train_rows} training rows, "
-          f"{args.val_rows} held-out rows of {os.path.basename(args.data)}; cutoff 256, micro batch 4, batch 16\n")
+          f"{args.val_rows} held-out rows of {os.path.basename(args.data)}\n")
     header = f"{'run':<34}{'arm':<10}{'real tok/s':>11}{'padding':>9}{'peak RSS':>11}{'val loss':>10}"
     print(header)
     print("-" * len(header))
-    for label, train_on_inputs in (("recipe settings (train_on_inputs)", True),
-                                   ("peftune masking (response only)", False)):
+    recipe_lora = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}
+    runs = {1: ("1 recipe settings (train_on_inputs)", True, recipe_lora, 256, 16),
+            2: ("2 peftune masking (response only)", False, recipe_lora, 256, 16),
+            3: ("3 demo LoRA (r16, all linear, 384)", False,
+                {"r": 16, "alpha": 32, "targets": ["all-linear"]}, 384, 8)}
+    for run in [int(r) for r in args.runs.split(",")]:
+        label, train_on_inputs, lora, cutoff, batch = runs[run]
         results = {}
         for arm in ("recipe", "peftune"):
             spec = {"model_dir": model_dir, "data": train_path, "val_data": val_path, "template": TEMPLATE,
-                    "cutoff_len": 256, "micro_batch_size": 4, "batch_size": 16, "learning_rate": 3e-4,
+                    "cutoff_len": cutoff, "micro_batch_size": 4, "batch_size": batch, "learning_rate": 3e-4,
                     "warmup_steps": 2, "seed": 42, "train_on_inputs": train_on_inputs, "workdir": work,
-                    "output_dir": os.path.join(work, f"out-{arm}-{int(train_on_inputs)}"),
-                    "result": os.path.join(work, f"result-{arm}-{int(train_on_inputs)}.json")}
+                    "lora": lora, "run": run, "output_dir": os.path.join(work, f"out-{arm}-{run}"),
+                    "result": os.path.join(work, f"result-{arm}-{run}.json")}
             r = run_arm(arm, spec)
             r["tok_s"] = r["real_tokens"] / r["train_time_s"]
             r["padding"] = 1 - r["real_tokens"] / r["padded_tokens"]
