@@ -97,3 +97,18 @@ def test_help_lists_every_field(capsys):
 def test_docs_are_generated_from_the_schema():
     with open(os.path.join(os.path.dirname(__file__), "..", "docs", "config.md"), encoding="utf-8") as fh:
         assert fh.read() == markdown_docs(), "docs/config.md is stale: run `peftune docs`"
+
+
+def test_the_examples_are_valid_configs_and_their_documented_overrides_work():
+    root = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
+    for name in sorted(os.listdir(root)):
+        if name.endswith(".yaml"):
+            cfg = load_config(os.path.join(root, name), {})
+            cfg.validate()
+            assert all(os.path.exists(s if isinstance(s, str) else s["path"]) for s in cfg.data_path), name
+    # the demo's replay can be turned off as docs/demo.md says; turning off only replay is refused by name
+    demo = os.path.join(root, "identity.yaml")
+    assert load_config(demo, {}).replay_ce is False
+    load_config(demo, parse_overrides(["--replay", "0", "--replay_beta", "0", "--replay_ce", "true"])).validate()
+    with pytest.raises(PeftuneError, match="set replay too"):
+        load_config(demo, parse_overrides(["--replay", "0"])).validate()
