@@ -74,6 +74,14 @@ def build(args):
     use_packed_attention(base)
     adapter = methods.Adapter(cfg, 100, models.resolve_model_path(cfg.base_model), tok)
     model = adapter.attach(base)
+    if cfg.fuse_projections:
+        from peftune.train.fused import fuse_projections
+
+        fuse_projections(model)
+    if cfg.fast_dropout:
+        from peftune.train.dropout import use_fast_dropout
+
+        use_fast_dropout(model)
     model.train()
     optimizer = adapter.optimizer(model, 1e-4)
     step_batches = [samples[i:i + args.micro_batch_size] for i in range(0, len(samples), args.micro_batch_size)]

@@ -112,6 +112,12 @@ class TrainConfig:
                               ("auto", "no", "bf16", "fp16"))
     release_memory: bool = _f(True, "On Linux CPUs, return freed activation buffers to the OS at once (fixed 1 MB "
                               "mmap threshold): peak RSS 3.86 -> 3.43 GB in the speed benchmark, up to ~8 % slower.")
+    fast_dropout: bool = _f(True, "On CPUs, draw the adapters' dropout masks 64 random bits at a time (4x fewer draws "
+                            "than nn.Dropout's bernoulli, p rounded to 1/32768): the same law, another random stream "
+                            "(docs/speed.md). false = peft's nn.Dropout.")
+    fuse_projections: bool = _f(False, "One matmul for each layer's frozen q/k/v projections and one for gate/up "
+                                "(concatenated weights, each LoRA branch on its slice): the same model up to float "
+                                "rounding (docs/speed.md). Adapter methods on an unquantized base.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less memory, about a "
                                       "third slower.")
     seed: int = _f(42, "Random seed (data order, validation split, adapter init, dropout).")

@@ -30,6 +30,8 @@ from ..io import atomic_write_text
 from . import checkpoint, curves, faults, replay
 from .attention import use_packed_attention
 from .guards import StopRequest, finite, return_large_buffers_to_os
+from .dropout import use_fast_dropout
+from .fused import fuse_projections
 from .loss import accumulate_step, forward_loss_sum
 from .metrics import MetricsLog, progress
 
@@ -84,7 +86,7 @@ TRAJECTORY_KEYS = ("base_model", "prompt_template", "system_prompt", "cutoff_len
                    "add_eos_token", "batch_size", "micro_batch_size", "learning_rate", "lr_scheduler",
                    "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "group_by_length", "packing",
                    "mixed_precision", "seed", "nan_policy", "peft_method", "load_in_4bit", "load_in_8bit", "replay",
-                   "replay_data", "replay_max_tokens", "replay_beta", "replay_ce",
+                   "replay_data", "replay_max_tokens", "replay_beta", "replay_ce", "fuse_projections", "fast_dropout",
                    *(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("methods")))
 
 
@@ -242,6 +244,10 @@ def train(cfg: TrainConfig, say=print) -> dict:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     adapter = methods.Adapter(cfg, steps, models.resolve_model_path(cfg.base_model), tokenizer)
     model = adapter.attach(base)
+    if cfg.fuse_projections and cfg.peft_method not in FULL_MODEL:
+        fuse_projections(model)  # after attach: PiSSA/OLoRA have moved the base weights by then
+    if cfg.fast_dropout and accelerator.device.type == "cpu":
+        use_fast_dropout(model)
     adapters.set_base_reference(model, models.portable_ref(cfg.base_model))
     initial = adapters.trainable_state(model)
     trainable, total_params = adapters.count_parameters(model)
