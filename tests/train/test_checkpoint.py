@@ -226,5 +226,9 @@ def test_a_setting_added_later_at_its_default_does_not_block_a_resume():
 
     saved = {"seed": 42, "peft_method": "lora"}  # a checkpoint written before `replay` existed
     ckpt.compare_fingerprints(saved, {**saved, "replay": 0, "replay_beta": 0.0}, "step-5")
-    with pytest.raises(PeftuneError, match="replay: None then, 0.5 now"):
+    with pytest.raises(PeftuneError, match="replay: 0 then, 0.5 now"):
         ckpt.compare_fingerprints(saved, {**saved, "replay": 0.5}, "step-5")
+    # fast_dropout's default (on) is not what older runs did: they resume with it off, and say so otherwise
+    ckpt.compare_fingerprints(saved, {**saved, "fast_dropout": False}, "step-5")
+    with pytest.raises(PeftuneError, match="fast_dropout: False then, True now"):
+        ckpt.compare_fingerprints(saved, {**saved, "fast_dropout": True}, "step-5")

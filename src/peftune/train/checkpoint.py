@@ -164,14 +164,32 @@ def resolve_resume(output_dir: str, setting: str | None, say=print) -> str | Non
 LEGACY_KEYS = ("num_epochs", "max_steps")  # in fingerprints before runs could be extended; no longer compared
 
 
-def _newer_default(saved: dict, current: dict, key: str) -> bool:
-    """A setting added after the checkpoint was written, at its default: the run did not use it then either."""
+# settings added later whose default is not what runs did before they existed
+BEFORE_THE_KEY = {"fast_dropout": False}  # checkpoints from before drew dropout masks with nn.Dropout
+
+
+def _then(saved: dict, key: str):
+    """A setting's value in the checkpoint's run: as saved, or what runs did before the setting existed."""
     import dataclasses
 
     from ..config import TrainConfig, field_default
 
+    if key in saved:
+        return saved[key]
+    if key in BEFORE_THE_KEY:
+        return BEFORE_THE_KEY[key]
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    return key not in saved and key in fields and current.get(key) == field_default(fields[key])
+    return field_default(fields[key]) if key in fields else None
+
+
+def _newer_default(saved: dict, current: dict, key: str) -> bool:
+    """A setting added after the checkpoint was written, set as the run did then (its default, or BEFORE_THE_KEY)."""
+    import dataclasses
+
+    from ..config import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return key not in saved and key in names and current.get(key) == _then(saved, key)
 
 
 def compare_fingerprints(saved: dict, current: dict, path: str, ignore: tuple = ()) -> None:
@@ -179,7 +197,7 @@ def compare_fingerprints(saved: dict, current: dict, path: str, ignore: tuple = 
     changed = [k for k in sorted(set(saved) | set(current)) if k not in skip and saved.get(k) != current.get(k)
                and not _newer_default(saved, current, k)]
     if changed:
-        detail = "; ".join(f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now" for k in changed[:5])
+        detail = "; ".join(f"{k}: {_then(saved, k)!r} then, {current.get(k)!r} now" for k in changed[:5])
         raise PeftuneError(f"cannot resume from {path}: the run changed ({detail}); resume with the settings it was "
                            "started with, or start over with --overwrite_output_dir true")
 
