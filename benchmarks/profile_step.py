@@ -66,6 +66,10 @@ def build(args):
         fields[key] = json.loads(value) if value[:1] in "[{0123456789-tf" and value not in ("-",) else value
     cfg = TrainConfig(**fields)
     cfg.validate()
+    if cfg.release_memory:  # as recipe.train does on a CPU
+        from peftune.train.guards import return_large_buffers_to_os
+
+        return_large_buffers_to_os()
     torch.manual_seed(0)
     tok = models.load_tokenizer(cfg.base_model)
     renderer = Renderer(tok, get_template(cfg.prompt_template, tok), cfg.cutoff_len, cfg.train_on_inputs)
