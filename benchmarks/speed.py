@@ -140,9 +140,9 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     recipe_lora = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}
-    runs = {1: ("1 recipe settings (train_on_inputs)", True, recipe_lora, 256, 16),
-            2: ("2 peftune masking (response only)", False, recipe_lora, 256, 16),
-            3: ("3 demo LoRA (r16, all linear, 384)", False,
+    runs = {1: ("1 recipe (train_on_inputs)", True, recipe_lora, 256, 16),
+            2: ("2 response-only loss", False, recipe_lora, 256, 16),
+            3: ("3 demo LoRA (r16 all-lin, 384)", False,
                 {"r": 16, "alpha": 32, "targets": ["all-linear"]}, 384, 8)}
     for run in [int(r) for r in args.runs.split(",")]:
         label, train_on_inputs, lora, cutoff, batch = runs[run]
