@@ -1,6 +1,6 @@
 """Speed comparison: the alpaca-lora recipe vs peftune, same model, same rows, one invocation.
 
-    .venv/bin/python benchmarks/speed.py            # about 10 minutes on a 2-core CPU
+    .venv/bin/python benchmarks/speed.py            # 39 minutes for the three runs on a 2-core AVX2 CPU
     .venv/bin/python benchmarks/speed.py --train_rows 64 --val_rows 16   # a quicker look
 
 Three runs: (1) the recipe's own settings (train_on_inputs true) and (2) peftune's default masking
