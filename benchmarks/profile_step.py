@@ -54,6 +54,7 @@ def build(args):
     from peftune.data.sources import load_rows
     from peftune import methods
     from peftune.train.attention import use_packed_attention
+    from peftune.train.recipe import apply_speedups
 
     fields = dict(base_model=args.model, data_path=[args.data], prompt_template="alpaca", lora_dropout=0.05)
     if args.recipe:
@@ -78,14 +79,7 @@ def build(args):
     use_packed_attention(base)
     adapter = methods.Adapter(cfg, 100, models.resolve_model_path(cfg.base_model), tok)
     model = adapter.attach(base)
-    if cfg.fuse_projections:
-        from peftune.train.fused import fuse_projections
-
-        fuse_projections(model)
-    if cfg.fast_dropout:
-        from peftune.train.dropout import use_fast_dropout
-
-        use_fast_dropout(model)
+    apply_speedups(cfg, model, "cpu")
     model.train()
     optimizer = adapter.optimizer(model, 1e-4)
     step_batches = [samples[i:i + args.micro_batch_size] for i in range(0, len(samples), args.micro_batch_size)]

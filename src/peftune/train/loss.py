@@ -150,4 +150,3 @@ def accumulate_step(model, micro_batches: list[list[dict]], collate, backward, f
     if extra is not None:
         backward(extra)
     return total, reported
-

@@ -154,6 +154,15 @@ def make_accelerator(cfg: TrainConfig):
                                   project_dir=os.path.join(cfg.output_dir, "runs") if trackers else None)
 
 
+def apply_speedups(cfg: TrainConfig, model, device_type: str) -> None:
+    """The switchable speed-ups on an attached model (after attach: PiSSA/OLoRA have moved the base weights by then);
+    benchmarks/profile_step.py applies them the same way."""
+    if cfg.fuse_projections and cfg.peft_method not in FULL_MODEL:
+        fuse_projections(model)
+    if cfg.fast_dropout and device_type == "cpu":
+        use_fast_dropout(model)
+
+
 def training_rate(counters: dict) -> float:
     """Tokens per second of training alone: evaluation time is left out (metrics.jsonl and the last line agree)."""
     return round(counters["tokens"] / max(counters["elapsed"] - counters.get("eval_s", 0.0), 1e-9), 2)
@@ -244,10 +253,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     adapter = methods.Adapter(cfg, steps, models.resolve_model_path(cfg.base_model), tokenizer)
     model = adapter.attach(base)
-    if cfg.fuse_projections and cfg.peft_method not in FULL_MODEL:
-        fuse_projections(model)  # after attach: PiSSA/OLoRA have moved the base weights by then
-    if cfg.fast_dropout and accelerator.device.type == "cpu":
-        use_fast_dropout(model)
+    apply_speedups(cfg, model, accelerator.device.type)
     adapters.set_base_reference(model, models.portable_ref(cfg.base_model))
     initial = adapters.trainable_state(model)
     trainable, total_params = adapters.count_parameters(model)
