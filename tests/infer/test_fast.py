@@ -9,12 +9,12 @@ from peftune.infer.fast import FastDecoder, unsupported
 from peftune.infer.lora import LoraBank
 
 
-def _model(arch: str):
+def _model(arch: str, hidden: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    common = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256)
+    common = dict(vocab_size=320, hidden_size=hidden, intermediate_size=96 * hidden // 64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True)).eval()
     return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False)).eval()
@@ -103,13 +103,15 @@ def test_models_it_cannot_run_are_left_to_transformers():
     assert unsupported(_model("llama")) is None
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_weights_and_the_fused_views_leave_transformers_forward_unchanged(mode):
+@pytest.mark.parametrize("mode,hidden", [("int8", 64), ("int4", 64), ("int4", 256)])
+def test_quantized_weights_and_the_fused_views_leave_transformers_forward_unchanged(mode, hidden):
     """Quantized weights (quant.py) run the same in both; after fusing, the model's own layers see views of the
-    fused weights, so transformers' forward (used for what the lean decoder does not run) is unchanged."""
+    fused weights, so transformers' forward (used for what the lean decoder does not run) is unchanged. 4-bit
+    layers fuse only in whole blocks of 64 outputs (torch packs them in blocks of 64 rows with AVX512, 32 without):
+    at hidden 64 k/v have 32 outputs and run as matmuls of their own, at 256 they have 128 and are fused."""
     from peftune.infer.quant import quantize
 
-    model = _model("qwen2")
+    model = _model("qwen2", hidden)
     assert quantize(model, mode)[mode] == 2 * 7 + 1
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     with torch.no_grad():
@@ -119,8 +121,13 @@ def test_quantized_weights_and_the_fused_views_leave_transformers_forward_unchan
         after = model(input_ids=ids).logits[0, -1]
     torch.testing.assert_close(after, before, atol=0, rtol=0)
     torch.testing.assert_close(logits, before, atol=1e-3, rtol=1e-3)
+    qkv = decoder.blocks[0].qkv
+    if mode == "int4" and hidden == 64:
+        assert qkv.kind == "mixed"
+        return
+    assert qkv.kind == mode
     assert model.model.layers[0].self_attn.k_proj.weight.data_ptr() == \
-        decoder.blocks[0].qkv.weight[64:].data_ptr()  # a view, not a copy
+        qkv.weight[hidden:].data_ptr()  # a view, not a copy
 
 
 def test_weights_that_already_are_4_bit_stay_4_bit_and_others_become_int8():

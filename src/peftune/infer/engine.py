@@ -95,10 +95,24 @@ class Engine:
         if engine not in ENGINES:
             raise PeftuneError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
         self.base_model, self.prompt_template = base_model, prompt_template
-        self.base_path = models.resolve_model_path(base_model)
-        self.tokenizer = models.load_tokenizer(base_model, trust_remote_code)
         self.tokenizer_lock = threading.Lock()  # fast tokenizers refuse use from two threads at once
         self.model = self.decoder = self.bank = self.cpp = None
+        self.served: dict[str, Served] = {}
+        self.prefixes = PrefixCache()
+        self.scheduler = Scheduler(self, max_batch=max_batch, max_queue=max_queue)
+        # the decode thread must stop before the interpreter does (torch aborts the process otherwise)
+        atexit.register(_close, weakref.ref(self))
+        try:  # in the decode thread, as all of this engine's torch work (scheduler.py says why)
+            self.scheduler.call(self._start, adapters, engine, dtype, quantize, trust_remote_code, max_batch,
+                                max_model_len, base_name)
+        except BaseException:
+            self.scheduler.close()
+            raise
+
+    def _start(self, adapters: dict[str, str], engine: str, dtype: str, quantize: dict | None,
+               trust_remote_code: bool, max_batch: int, max_model_len: int | None, base_name: str | None) -> None:
+        self.base_path = models.resolve_model_path(self.base_model)
+        self.tokenizer = models.load_tokenizer(self.base_model, trust_remote_code)
         self.bank_ok = all(plain_lora(p) for p in adapters.values())
         if engine == "llama.cpp":
             config = self._start_cpp(dtype, quantize, trust_remote_code, max_batch, max_model_len)
@@ -110,14 +124,9 @@ class Engine:
         ids = _generation_config(self.base_path, self.model).eos_token_id
         self.eos_ids = {i for i in (ids if isinstance(ids, list) else [ids]) if i is not None}
         self.eos_ids.add(self.tokenizer.eos_token_id)
-        self.base = Served(base_name or base_model, None, self._renderer({}))
-        self.served: dict[str, Served] = {}
-        self.prefixes = PrefixCache()
+        self.base = Served(base_name or self.base_model, None, self._renderer({}))
         for name, path in adapters.items():
             self._load(name, path)
-        self.scheduler = Scheduler(self, max_batch=max_batch, max_queue=max_queue)
-        # the decode thread must stop before the interpreter does (torch aborts the process otherwise)
-        atexit.register(_close, weakref.ref(self))
 
     def _start_torch(self, dtype: str, quantize: dict | None, trust_remote_code: bool):
         dtype = resolve_dtype(dtype, self.bank_ok and not any((quantize or {}).values()))
@@ -215,29 +224,35 @@ class Engine:
                                "adapters of one kind together") from None
         return bool(getattr(self.model.peft_config[name], "is_prompt_learning", False))
 
+    def call(self, fn, *args):
+        """fn(*args) run in the engine's thread, its result returned: torch work of the caller's own while this
+        engine is alive belongs there too (scheduler.py says why)."""
+        return self.scheduler.call(fn, *args)
+
     def load_adapter(self, name: str, path: str) -> Served:
-        with self.scheduler.lock:
-            return self._load(name, path, flag="lora_path")
+        return self.scheduler.call(self._load, name, path, "lora_path")
 
     def unload_adapter(self, name: str) -> None:
-        with self.scheduler.lock:
-            if name not in self.served:
-                raise PeftuneError(f"no adapter named {name!r} is loaded")
-            for cohort in self.scheduler.cohorts.values():
-                keep = [i for i, r in enumerate(cohort.rows) if r.req.adapter != name]
-                for r in cohort.rows:
-                    if r.req.adapter == name:
-                        r.req.emit({"error": f"adapter {name} was unloaded"})
-                if len(keep) < len(cohort.rows):
-                    cohort.keep(keep)
-            del self.served[name]
-            self.prefixes.drop(name)
-            if self.cpp is not None:
-                self.cpp.remove(name)
-            elif self.bank is not None:
-                self.bank.remove(name)
-            else:
-                self.model.delete_adapter(name)
+        self.scheduler.call(self._unload, name)
+
+    def _unload(self, name: str) -> None:
+        if name not in self.served:
+            raise PeftuneError(f"no adapter named {name!r} is loaded")
+        for cohort in self.scheduler.cohorts.values():
+            keep = [i for i, r in enumerate(cohort.rows) if r.req.adapter != name]
+            for r in cohort.rows:
+                if r.req.adapter == name:
+                    r.req.emit({"error": f"adapter {name} was unloaded"})
+            if len(keep) < len(cohort.rows):
+                cohort.keep(keep)
+        del self.served[name]
+        self.prefixes.drop(name)
+        if self.cpp is not None:
+            self.cpp.remove(name)
+        elif self.bank is not None:
+            self.bank.remove(name)
+        else:
+            self.model.delete_adapter(name)
 
     def get(self, name: str | None) -> Served:
         if name in (None, self.base.name):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .quant import GROUP, Int4Linear, Int8Linear
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
+INT4_BLOCK = 64
 
 
 def unsupported(model) -> str | None:
@@ -60,7 +61,10 @@ class _Linear:
     def __init__(self, modules: list) -> None:
         first = modules[0]
         self.kind = "int8" if isinstance(first, Int8Linear) else "int4" if isinstance(first, Int4Linear) else "float"
-        if any(type(m) is not type(first) for m in modules):
+        # torch packs 4-bit weights in blocks of 32 or 64 output rows by CPU (64 with AVX512): packed weights
+        # concatenate into one matmul only when each part is whole blocks
+        split_int4 = self.kind == "int4" and any(m.out_features % INT4_BLOCK for m in modules)
+        if split_int4 or any(type(m) is not type(first) for m in modules):
             self.kind = "mixed"  # layers quantized differently: each its own matmul
             self.parts = modules
         elif self.kind == "float":

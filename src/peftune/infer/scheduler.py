@@ -9,6 +9,14 @@ join between steps.
 
 Written here because neither transformers' `generate` (one batch, one set of settings, rows join only at the
 start) nor its continuous-batching manager (no per-row peft adapters) serves many adapters per request.
+
+The worker thread does all of an engine's torch work, loading included (`call` runs a function there between
+steps), and no other thread of the process should run torch kernels while it is alive. Why: PyTorch's CPU wheels run
+their parallel kernels on GNU OpenMP, which gives every thread that starts a parallel region a pool of its own and,
+once the process has more OpenMP threads than CPUs, stops spinning between regions and puts its threads to sleep and
+wakes them at every one. A decode step is hundreds of small parallel kernels, so on the 2-core CPU this project
+measures on, one 8-row step of the embedded model took 63-100 ms in this thread after the main thread had loaded the
+model, against 33-37 ms with every kernel in one thread (benchmarks/threads.py).
 """
 
 from __future__ import annotations
@@ -122,7 +130,8 @@ class Scheduler:
         self.backend, self.max_batch = backend, max_batch
         self.pending: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.cohorts: dict[str, Cohort] = {}
-        self.lock = threading.Lock()  # held around each step; adapter loading takes it too
+        self.lock = threading.Lock()  # held around each step and each call
+        self.jobs: queue.Queue[Callable[[], None]] = queue.Queue()
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="peftune-decode", daemon=True)
         self.thread.start()
@@ -134,6 +143,30 @@ class Scheduler:
         except queue.Full:
             raise QueueFull(f"{self.pending.maxsize} requests are already waiting") from None
         return req
+
+    def call(self, fn: Callable, *args):
+        """fn(*args) run in the worker thread between steps (the caller waits): its result, or what it raised."""
+        if threading.current_thread() is self.thread:
+            return fn(*args)
+        if not self.thread.is_alive():
+            raise RuntimeError("the engine is closed")
+        done, box = threading.Event(), {}
+
+        def job() -> None:
+            try:
+                box["result"] = fn(*args)
+            except BaseException as e:  # noqa: BLE001  (handed to the caller)
+                box["error"] = e
+            finally:
+                done.set()
+
+        self.jobs.put(job)
+        while not done.wait(timeout=0.5):
+            if not self.thread.is_alive():
+                raise RuntimeError("the engine is closed")
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
 
     def running(self) -> int:
         return sum(len(c.rows) for c in self.cohorts.values())
@@ -147,6 +180,9 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                while not self.jobs.empty():
+                    with self.lock:
+                        self.jobs.get_nowait()()
                 idle = self.running() == 0
                 self._admit(block=idle)
                 with self.lock:
@@ -160,7 +196,7 @@ class Scheduler:
     def _admit(self, block: bool) -> None:
         while self.running() < self.max_batch:
             try:
-                req = self.pending.get(timeout=0.05) if block else self.pending.get_nowait()
+                req = self.pending.get(timeout=0.02) if block else self.pending.get_nowait()
             except queue.Empty:
                 return
             block = False
