@@ -1,7 +1,9 @@
 """The training recipe: read it top to bottom. The maths it needs lives in small tested functions it calls.
 
 Multi-process note: the loss calls the decoder body directly (to skip full logits); under DDP that bypasses the
-wrapper's forward, so `peftune train` refuses more than one process until that path is written and tested.
+wrapper's forward, so `peftune train` refuses more than one process until that path is written and tested, and
+refuses to run under a launcher of several processes (`launched_processes`), where on CPUs Accelerate would fall
+back to one process per rank.
 """
 
 from __future__ import annotations
@@ -132,11 +134,34 @@ def resolve_precision(setting: str) -> str:
     return "bf16" if cpu_has_bf16() else "no"
 
 
+# what launchers set: torchrun, `accelerate launch`, deepspeed and torch.distributed.launch WORLD_SIZE; srun its step's
+LAUNCHER_SIZES = ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+def launched_processes() -> tuple[str, int] | None:
+    """(the variable, the count) when a launcher started this process as one of several; None otherwise."""
+    for name in LAUNCHER_SIZES:
+        try:
+            count = int(os.environ.get(name, "1") or 1)
+        except ValueError:
+            continue
+        if count > 1:
+            return name, count
+    return None
+
+
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
     from accelerate.state import AcceleratorState
 
+    # Under a launcher on a machine without a GPU, Accelerate falls back to a single process unless told to use the
+    # CPU, and every rank would train alone into the same output_dir: refused before anything is read or written
+    launched = launched_processes()
+    if launched:
+        raise PeftuneError(f"launched as one of {launched[1]} processes ({launched[0]}={launched[1]}), but "
+                           "multi-process training is not supported yet: each process would train alone into the "
+                           "same output_dir; run one process (`peftune train CONFIG`)")
     precision = resolve_precision(cfg.mixed_precision)
     state = AcceleratorState._shared_state
     if state and str(state.get("_mixed_precision", precision)) != precision:
