@@ -11,8 +11,8 @@ Each case runs in a fresh process:
 - thread only: loading and steps in a second thread, the main thread idle (what the engine does now).
 GNU OpenMP, which PyTorch's CPU wheels use, gives each thread that runs a parallel kernel a pool of its own; once a
 process has more OpenMP threads than CPUs it stops spinning between kernels, so each of a step's hundreds of small
-kernels pays for putting threads to sleep and waking them. Prints the median step of 30 after 64 prompt tokens, for
-1 row and for 8 rows (two adapters).
+kernels pays for putting threads to sleep and waking them. Prints the median step of 15 after 64 prompt tokens (as
+benchmarks/decoder.py), for 1 row and for 8 rows (two adapters).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 CASES = ("main", "thread after main", "thread only")
@@ -46,30 +45,14 @@ def load(adapters: list[str]):
     return decoder
 
 
-def steps(decoder, names: list[str]) -> float:
-    import torch
-
-    bank, state = decoder.bank, None
-    with torch.inference_mode():
-        for name in names:
-            with bank.rows([name]):
-                kv, _ = decoder.prefill(torch.ones((1, 64), dtype=torch.long))
-            state = kv if state is None else state.merge(kv)
-        times = []
-        for i in range(30):
-            start = time.perf_counter()
-            with bank.rows(names):
-                decoder.step(state, torch.ones((len(names), 1), dtype=torch.long), torch.full((len(names), 1), 64 + i))
-            times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
-
-
 def one_case(case: str, adapters: list[str]) -> dict:
+    from decoder import lean_step
+
     result: dict = {}
 
     def measure(decoder) -> None:
-        result["1 row"] = steps(decoder, ["a0"])
-        result["8 rows"] = steps(decoder, ["a0"] * 4 + ["a1"] * 4)
+        result["1 row"] = lean_step(decoder, decoder.bank, ["a0"])
+        result["8 rows"] = lean_step(decoder, decoder.bank, ["a0"] * 4 + ["a1"] * 4)
 
     if case == "main":
         measure(load(adapters))

@@ -15,8 +15,8 @@ steps), and no other thread of the process should run torch kernels while it is 
 their parallel kernels on GNU OpenMP, which gives every thread that starts a parallel region a pool of its own and,
 once the process has more OpenMP threads than CPUs, stops spinning between regions and puts its threads to sleep and
 wakes them at every one. A decode step is hundreds of small parallel kernels, so on the 2-core CPU this project
-measures on, one 8-row step of the embedded model took 63-100 ms in this thread after the main thread had loaded the
-model, against 33-37 ms with every kernel in one thread (benchmarks/threads.py).
+measures on, one 8-row step of the embedded model took 47-61 ms in this thread after the main thread had loaded the
+model, against 20-32 ms with every kernel in one thread (benchmarks/threads.py).
 """
 
 from __future__ import annotations
