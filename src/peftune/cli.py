@@ -65,13 +65,34 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     path = argv[0] if argv and not argv[0].startswith("--") else None
     cfg = load_config(path, parse_overrides(argv[1:] if path else argv))
+    from .train.recipe import launched_processes, train
+
+    if cfg.num_processes > 1 and not launched_processes():
+        return launch_processes(cfg.num_processes, argv)
     _quiet_libraries()
-    from .train.recipe import train
 
     try:
         train(cfg)
     except TrainingInterrupted as e:
         raise TrainingInterrupted(f"{e}. Resume with:\n  {resume_command(argv)}", e.exit_code) from None
+    return 0
+
+
+def launch_processes(n: int, argv: list[str]) -> int:
+    """`peftune train ... --num_processes N`: the same command in N processes through torch's own launcher (what
+    `torchrun --standalone --nproc_per_node N` runs, on this machine); they find themselves launched and train
+    together. Returns the first failed process's exit status (2 for bad input, 128 + the signal for a killed one)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    print(f"peftune: starting {n} training processes (torchrun --standalone --nproc_per_node={n})", file=sys.stderr,
+          flush=True)
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={n}", "-m", "peftune.cli", "train", *argv]))
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        failed = next((c for c in codes if c > 0), None) or next((128 - c for c in codes if c < 0), 1)
+        return failed
     return 0
 
 

@@ -120,6 +120,10 @@ class TrainConfig:
                                 "rounding (docs/speed.md). Adapter methods on an unquantized base.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less memory, about a "
                                       "third slower.")
+    num_processes: int = _f(1, "Train on this many processes of this machine (DDP through Accelerate, started with "
+                            "torch's own launcher): the same adapter as one process, up to float rounding "
+                            "(docs/distributed.md). Under torchrun or `accelerate launch` their count rules (1 or the "
+                            "same number here).")
     seed: int = _f(42, "Random seed (data order, validation split, adapter init, dropout).")
     # --- adapter: the method and its own settings (docs/methods.md compares them) ---
     peft_method: str = _f("lora", "The PEFT method: `lora` (with the use_dora / use_rslora / lora_init / "
@@ -226,7 +230,7 @@ class TrainConfig:
         if self.save_steps < 0 or self.save_total_limit < 1:
             raise PeftuneError("save_steps must be >= 0 and save_total_limit >= 1")
         for name in ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "eval_steps", "logging_steps",
-                     "adalora_init_r", "adalora_target_r", "adalora_delta_t", "num_virtual_tokens"):
+                     "adalora_init_r", "adalora_target_r", "adalora_delta_t", "num_virtual_tokens", "num_processes"):
             if getattr(self, name) < 1:
                 raise PeftuneError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.batch_size % (self.micro_batch_size * num_processes):

@@ -115,37 +115,67 @@ def kl_to_base_sum(model, batch: dict, hidden: torch.Tensor, chunk: int = CHUNK,
     return total
 
 
+class LossModel(torch.nn.Module):
+    """The model with one micro-batch's training objective as its forward. The loss calls the decoder body directly
+    (to skip the full logits), which would bypass a DDP or FSDP wrapper around the model itself, so the training loop
+    wraps this module instead: the wrapper then sees the forward whose backward it synchronises. `module` is the
+    model (the attribute the unwrapping helpers above look for). Returns (objective, cross-entropy sum, replay tokens
+    left out of the reported loss)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: dict, beta: float = 0.0, replay_ce: bool = True, base_batch: dict | None = None):
+        model = self.module
+        if beta and "kl_mask" in batch:
+            hidden = final_hidden(model, batch)
+            targets, excluded = batch["targets"], 0
+            if not replay_ce:
+                targets = targets.masked_fill(batch["kl_mask"], IGNORE)
+                excluded = int(batch["kl_mask"].sum())
+            loss_sum = lm_loss_sum(hidden, causal_lm_parts(model)[1], targets)
+            return loss_sum + beta * kl_to_base_sum(model, batch, hidden, base_batch=base_batch), loss_sum, excluded
+        loss_sum = forward_loss_sum(model, batch)
+        return loss_sum, loss_sum, 0
+
+
 def accumulate_step(model, micro_batches: list[list[dict]], collate, backward, forward_context=None,
                     sync_context=None, penalty=None, beta: float = 0.0,
-                    replay_ce: bool = True) -> tuple[float, int]:
+                    replay_ce: bool = True, step_tokens: int | None = None, world: int = 1,
+                    weight: float = 1.0) -> tuple[float, int]:
     """Forward + backward over the micro-batches of one optimizer step. Each micro-batch's loss sum is divided by
     the trained tokens of the whole step, so the accumulated gradient equals that of one big batch. `penalty`
     (e.g. AdaLoRA's orthogonality term) is added once per step, not per micro-batch, and is not in the reported loss;
     likewise `beta` x the KL to the base on replay tokens (kl_to_base_sum). `replay_ce` False: the replay tokens are
     trained by that KL term alone (no cross-entropy on the base's greedy tokens); the reported loss and token count are
-    then those of the other tokens. Every term is divided by all the step's trained tokens. Returns (summed loss,
-    reported tokens)."""
-    step_tokens = sum(trained_tokens(mb) for mb in micro_batches)
-    total, reported = 0.0, step_tokens
+    then those of the other tokens. Every term is divided by all the step's trained tokens.
+
+    `model`: a LossModel (or a DDP/FSDP wrapper of one), or a bare model. Several processes: each passes its own
+    micro-batches, the trained tokens of the whole step over every process (`step_tokens`) and the number of
+    processes (`world`: the wrapper averages gradients over them, so each loss is multiplied back); `weight` 0: the
+    micro-batches only stand in (distributed.py), their gradient is zero and they count nowhere. Returns (summed
+    loss, reported tokens) of this process's micro-batches."""
+    inner = getattr(model, "module", model)
+    loss_model = model if isinstance(model, LossModel) or isinstance(inner, LossModel) else LossModel(model)
+    mine = sum(trained_tokens(mb) for mb in micro_batches)
+    denominator = max(step_tokens if step_tokens is not None else mine, 1)
+    total, reported = 0.0, mine if weight else 0
     for k, mb in enumerate(micro_batches):
         last = k == len(micro_batches) - 1
         with (sync_context(last) if sync_context else contextlib.nullcontext()), \
                 (forward_context() if forward_context else contextlib.nullcontext()):
             batch = collate(mb)
+            base_batch = None
             if beta and "kl_mask" in batch:
-                hidden = final_hidden(model, batch)
-                targets = batch["targets"]
-                if not replay_ce:
-                    targets = targets.masked_fill(batch["kl_mask"], IGNORE)
-                    reported -= int(batch["kl_mask"].sum())
-                loss_sum = lm_loss_sum(hidden, causal_lm_parts(model)[1], targets)
                 replayed = [s for s in mb if s.get("replay")]
                 base_batch = collate(replayed) if len(replayed) < len(mb) else None
-                objective = loss_sum + beta * kl_to_base_sum(model, batch, hidden, base_batch=base_batch)
-            else:
-                objective = loss_sum = forward_loss_sum(model, batch)
-        backward(objective / max(step_tokens, 1))
-        total += loss_sum.item()
+            objective, loss_sum, excluded = loss_model(batch, beta, replay_ce, base_batch)
+            reported -= excluded if weight else 0
+        if not weight:
+            objective = objective * 0.0
+        backward(objective / denominator if world == 1 else objective * (world / denominator))
+        total += loss_sum.item() * weight
     extra = penalty() if penalty else None
     if extra is not None:
         backward(extra)

@@ -1,9 +1,10 @@
 """The training recipe: read it top to bottom. The maths it needs lives in small tested functions it calls.
 
-Multi-process note: the loss calls the decoder body directly (to skip full logits); under DDP that bypasses the
-wrapper's forward, so `peftune train` refuses more than one process until that path is written and tested, and
-refuses to run under a launcher of several processes (`launched_processes`), where on CPUs Accelerate would fall
-back to one process per rank.
+Several processes (torchrun, `accelerate launch`, `--num_processes`): Accelerate wraps a LossModel (loss.py) in DDP,
+so the forward that computes the loss is the wrapper's; every process walks the same deterministic data order and
+takes its own micro-batches of each step (distributed.py); the loss is divided by the trained tokens of the whole
+step over every process; only the main process writes files; losses, stop signals and non-finite checks are summed
+over the processes, so every process takes the same decisions.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from ..io import atomic_write_text
 from . import checkpoint, curves, faults, replay
 from .attention import use_packed_attention
 from .guards import StopRequest, finite, return_large_buffers_to_os
+from . import distributed
 from .dropout import use_fast_dropout
 from .fused import fuse_projections
-from .loss import accumulate_step, forward_loss_sum
+from .loss import LossModel, accumulate_step, forward_loss_sum
 from .metrics import MetricsLog, progress
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "runs", "mlruns", "wandb", "checkpoints", "initial-adapter",
@@ -61,7 +63,7 @@ def check_output_dir(cfg: TrainConfig, resuming: bool) -> list[str]:
     try:
         if not os.path.isdir(existing_dir):
             raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", existing_dir)
-        probe = os.path.join(existing_dir, ".peftune-write-test")
+        probe = os.path.join(existing_dir, f".peftune-write-test-{os.getpid()}")  # one per process
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
@@ -155,13 +157,7 @@ def make_accelerator(cfg: TrainConfig):
 
     from accelerate.state import AcceleratorState
 
-    # Under a launcher on a machine without a GPU, Accelerate falls back to a single process unless told to use the
-    # CPU, and every rank would train alone into the same output_dir: refused before anything is read or written
     launched = launched_processes()
-    if launched:
-        raise PeftuneError(f"launched as one of {launched[1]} processes ({launched[0]}={launched[1]}), but "
-                           "multi-process training is not supported yet: each process would train alone into the "
-                           "same output_dir; run one process (`peftune train CONFIG`)")
     precision = resolve_precision(cfg.mixed_precision)
     state = AcceleratorState._shared_state
     if state and str(state.get("_mixed_precision", precision)) != precision:
@@ -175,8 +171,18 @@ def make_accelerator(cfg: TrainConfig):
         os.environ.setdefault("WANDB_DIR", cfg.output_dir)
     if "mlflow" in trackers:
         os.environ.setdefault("MLFLOW_TRACKING_URI", "file:" + os.path.join(os.path.abspath(cfg.output_dir), "mlruns"))
-    return precision, Accelerator(mixed_precision=precision, log_with=trackers or None,
-                                  project_dir=os.path.join(cfg.output_dir, "runs") if trackers else None)
+    # under a launcher on a machine without a GPU, Accelerate runs one process per rank unless told to use the CPU
+    cpu = bool(launched) and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=precision, log_with=trackers or None, cpu=cpu,
+                              project_dir=os.path.join(cfg.output_dir, "runs") if trackers else None)
+    if launched and accelerator.num_processes != launched[1]:
+        raise PeftuneError(f"launched as one of {launched[1]} processes ({launched[0]}={launched[1]}), but "
+                           f"Accelerate runs {accelerator.num_processes}: every process would train alone into the "
+                           "same output_dir. Launch with torchrun or `accelerate launch` (inside srun too), or "
+                           "run `peftune train CONFIG --num_processes N`")
+    if cfg.num_processes > 1 and accelerator.num_processes != cfg.num_processes:
+        raise PeftuneError(f"num_processes {cfg.num_processes}, but the launcher started {accelerator.num_processes}")
+    return precision, accelerator
 
 
 def apply_speedups(cfg: TrainConfig, model, device_type: str) -> None:
@@ -236,9 +242,10 @@ def train(cfg: TrainConfig, say=print) -> dict:
     if cfg.release_memory and accelerator.device.type == "cpu":
         return_large_buffers_to_os()
     cfg.validate(accelerator.num_processes)
-    if accelerator.num_processes > 1:
-        raise PeftuneError("multi-process training is not supported yet; run one process")
+    world, rank = accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
+    if not main:  # one voice: the main process speaks for all
+        say = lambda *args, **kwargs: None  # noqa: E731
     # 1. the cheap checks first (output_dir, the checkpoint and its settings), then the data: everything is read and
     # validated before a byte is written to output_dir
     resume = checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, say)
@@ -247,7 +254,8 @@ def train(cfg: TrainConfig, say=print) -> dict:
         checkpoint.compare_fingerprints(saved["fingerprint"], config_fingerprint(cfg, accelerator.num_processes),
                                         resume, ignore=("training data",))
     old_run_files = check_output_dir(cfg, resuming=bool(resume))
-    tokenizer, train_set, val_set = prepare_data(cfg, say)
+    with accelerator.main_process_first():  # the main process generates replay answers; the others read its cache
+        tokenizer, train_set, val_set = prepare_data(cfg, say)
     fingerprint = run_fingerprint(cfg, train_set, accelerator.num_processes)
     steps = batching.total_steps(len(train_set), cfg.batch_size, cfg.num_epochs, cfg.max_steps)
     if saved:
@@ -258,10 +266,11 @@ def train(cfg: TrainConfig, say=print) -> dict:
                                "is fixed by the run's length; start a new run")
     if cfg.peft_method == "adalora":
         methods.adalora_schedule(cfg, steps)  # refuse a schedule with no pruning phase before writing anything
-    clear_output_dir(cfg, old_run_files)
-    checkpoint.remove_partial(cfg.output_dir)
     if main:
+        clear_output_dir(cfg, old_run_files)
+        checkpoint.remove_partial(cfg.output_dir)
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    accelerator.wait_for_everyone()
     packing = cfg.packing and not methods.uses_virtual_tokens(cfg)
     if cfg.packing and not packing:
         say(f"note: {cfg.peft_method} puts learned virtual tokens before every sample, so samples cannot be packed "
@@ -290,7 +299,8 @@ def train(cfg: TrainConfig, say=print) -> dict:
     warmup = min(warmup, steps - 1)  # warmup starts at lr 0: a run must have at least one step past it
     scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler),
                               optimizer, num_warmup_steps=warmup, num_training_steps=steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # the wrapper (DDP under several processes) goes around the loss's forward; `model` stays the model itself
+    loss_model, optimizer = accelerator.prepare(LossModel(model), optimizer)
     model.train()
     if packing:
         collate = batching.collate_packed
@@ -331,10 +341,19 @@ def train(cfg: TrainConfig, say=print) -> dict:
     with stop.installed():
         for step in range(counters["step"], steps):
             micro_batches = [[train_set[i] for i in mb] for mb in order.micro_batches(step)]
+            mine, stand_in = distributed.my_micro_batches(micro_batches, rank, world)
+            if world > 1:
+                distributed.seed_step(cfg.seed, step, rank)
             loss_sum, step_tokens = accumulate_step(
-                model, micro_batches, lambda mb: to_device(collate(mb)), accelerator.backward, accelerator.autocast,
-                lambda last: contextlib.nullcontext() if last else accelerator.no_sync(model),
-                lambda: adapter.penalty(accelerator.unwrap_model(model)), cfg.replay_beta, cfg.replay_ce)
+                loss_model, mine, lambda mb: to_device(collate(mb)), accelerator.backward, accelerator.autocast,
+                lambda last: contextlib.nullcontext() if last else accelerator.no_sync(loss_model),
+                lambda: adapter.penalty(model), cfg.replay_beta, cfg.replay_ce,
+                sum(batching.trained_tokens(mb) for mb in micro_batches), world, weight=0.0 if stand_in else 1.0)
+            if world > 1:  # every process decides from the same numbers: the step's loss, tokens, a stop signal
+                loss_sum, step_tokens = distributed.reduce([loss_sum, step_tokens], accelerator.device)
+                step_tokens = int(step_tokens)
+                signum = int(distributed.reduce([float(stop.signum or 0)], accelerator.device, op="max")[0])
+                stop.signum = stop.signum or signum or None
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             done = step + 1
             if not finite(loss_sum, float(grad_norm)):
@@ -369,7 +388,8 @@ def train(cfg: TrainConfig, say=print) -> dict:
                 counters["eval_loss"] = record["eval_loss"] = evaluate(
                     model, val_set, cfg.micro_batch_size, lambda c: to_device(collate(c)))
                 counters["eval_s"] += time.perf_counter() - eval_start
-                bar.write(f"step {done}: eval_loss {record['eval_loss']:.4f}")
+                if main:
+                    bar.write(f"step {done}: eval_loss {record['eval_loss']:.4f}")
             if main and (done % cfg.logging_steps == 0 or done == steps or "eval_loss" in record):
                 log.write(record)
             if done % cfg.logging_steps == 0 or done == steps:
@@ -408,5 +428,6 @@ def train(cfg: TrainConfig, say=print) -> dict:
         say(f"trained {tokens:,} tokens in {train_time - counters['eval_s']:.1f} s ({result['tokens_per_s']:.0f} "
             f"tokens/s, as in metrics.jsonl; evaluation took another {counters['eval_s']:.1f} s)"
             + (f", final eval_loss {eval_loss:.4f}" if eval_loss is not None else ""))
+    accelerator.wait_for_everyone()  # the others exit once the adapter is written
     accelerator.end_training()
     return result
