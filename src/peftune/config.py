@@ -69,6 +69,11 @@ class TrainConfig:
                                       "`peftune chat` (and the server) use it for this adapter unless given another. "
                                       "`{{placeholders}}` are filled from data_vars. Empty = the chat template's own "
                                       "default (SmolLM2's names SmolLM).")
+    tool_format: str = _f("auto", "Rows with tools and tool calls: `auto` renders them with the chat template's own tool "
+                          "support when it has any, else in peftune's tool format (definitions in the system turn, "
+                          "calls as <tool_call>{json}</tool_call>, results as a user turn; docs/tools.md); `peftune` "
+                          "always uses peftune's format; `native` only the template's (refuses rows otherwise).",
+                          ("auto", "native", "peftune"))
     cutoff_len: int = _f(512, "Maximum tokens per sample; longer conversations are truncated (and lose their EOS); "
                          "plain text is cut into cutoff_len pieces.")
     train_on_inputs: bool = _f(False, "Also train on the prompt tokens (default: the loss covers only the responses).")

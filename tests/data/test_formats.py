@@ -92,11 +92,12 @@ def test_tool_calls_render_through_a_tool_template_and_train(tmp_path):
     trained = tok.decode([t for t in s["labels"] if t != IGNORE])
     assert trained == 'CALL {"name": "w"}<|im_end|>Sunny.<|im_end|>'
     assert "Tools: " in tok.decode(s["input_ids"]) and "sunny" not in trained
-    # the same row through a template without tool support: a clear error naming file and row
+    # the same row through a template without tool support, asked for the template's own rendering only: a clear
+    # error naming file and row (tool_format auto renders it in peftune's format: tests/data/test_tools.py)
     plain_tok = make_tokenizer(chat_template=CHATML)
     with pytest.raises(Exception, match=r"d.json:1: this row has tools or tool calls, but the model's chat "
                                         r"template does not support tools"):
-        Renderer(plain_tok, get_template("chat", plain_tok), 1000).render_all(rows)
+        Renderer(plain_tok, get_template("chat", plain_tok, "native"), 1000).render_all(rows)
 
 
 def test_multi_turn_masks_and_mask_history(tmp_path, tokenizer):

@@ -63,7 +63,7 @@ def marked_text(tok, sample: dict, color: bool) -> str:
 
 def inspect(cfg: TrainConfig, show: int = 0, plot: str | None = None, say=print) -> dict:
     tokenizer = models.load_tokenizer(cfg.base_model, cfg.trust_remote_code)
-    renderer = Renderer(tokenizer, get_template(cfg.prompt_template, tokenizer), cfg.cutoff_len,
+    renderer = Renderer(tokenizer, get_template(cfg.prompt_template, tokenizer, cfg.tool_format), cfg.cutoff_len,
                         cfg.train_on_inputs, cfg.add_eos_token, cfg.mask_history)
     quiet = lambda msg: None  # noqa: E731  (the report itself says what the warnings would)
     system = system_prompt(cfg.system_prompt, cfg.data_vars)

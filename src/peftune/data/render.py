@@ -15,6 +15,7 @@ from importlib import resources
 
 from ..errors import PeftuneError
 from .formats import RowError, RowErrors
+from .tools import FORMATS as TOOL_FORMATS, has_tools, to_plain
 
 IGNORE = -100
 BUILTIN = ("alpaca", "alpaca_short")
@@ -44,9 +45,8 @@ class FileTemplate:
         return fmt.format(instruction=instruction, input=extra)
 
     def segments(self, messages: list[dict], add_generation_prompt: bool = False, tools=None) -> list[Segment]:
-        if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-            raise RowError(f"prompt template {self.name} cannot render tool calls; use a model whose chat template "
-                           "supports tools with --prompt_template chat")
+        if has_tools(messages, tools):  # peftune's tool format (tools.py), in this template's plain turns
+            messages = to_plain(messages, tools)
         out: list[Segment] = []
         prompt = ""
         first = True
@@ -74,7 +74,7 @@ class ChatTemplate:
 
     name = "chat"
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, tool_format: str = "auto") -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise PeftuneError("prompt_template chat: this model's tokenizer has no chat template; "
                                "use --prompt_template alpaca")
@@ -83,6 +83,8 @@ class ChatTemplate:
         source = tokenizer.chat_template
         source = " ".join(source.values()) if isinstance(source, dict) else str(source)
         self.supports_tools = "tool" in source
+        # tools: the template's own rendering when it has one (auto, native), else peftune's format (tools.py)
+        self.tool_format = tool_format
 
     def _render(self, messages: list[dict], gen: bool, tools=None) -> str:
         keep = ("role", "content", "tool_calls", "name", "tool_call_id")
@@ -90,8 +92,13 @@ class ChatTemplate:
         return self.tokenizer.apply_chat_template(plain, tools=tools, tokenize=False, add_generation_prompt=gen)
 
     def segments(self, messages: list[dict], add_generation_prompt: bool = False, tools=None) -> list[Segment]:
-        if not self.supports_tools and (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)):
-            raise RowError("this row has tools or tool calls, but the model's chat template does not support tools")
+        if has_tools(messages, tools):
+            if self.tool_format == "peftune" or (self.tool_format == "auto" and not self.supports_tools):
+                messages, tools = to_plain(messages, tools), None
+            elif not self.supports_tools:
+                raise RowError("this row has tools or tool calls, but the model's chat template does not support "
+                               "tools (tool_format native); tool_format auto or peftune renders them in peftune's "
+                               "tool format")
         out: list[Segment] = []
         done = ""
         for i, msg in enumerate(messages):
@@ -116,11 +123,15 @@ class ChatTemplate:
         return [s for s in out if s.text or s.trained]
 
 
-def get_template(name: str, tokenizer):
+def get_template(name: str, tokenizer, tool_format: str = "auto"):
+    """tool_format: how rows with tools are rendered by a chat template (tools.py); file templates always use
+    peftune's format."""
+    if tool_format not in TOOL_FORMATS:
+        raise PeftuneError(f"tool_format {tool_format!r}: expected one of {', '.join(TOOL_FORMATS)}")
     if name == "auto":
         name = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
     if name == "chat":
-        return ChatTemplate(tokenizer)
+        return ChatTemplate(tokenizer, tool_format)
     if name in BUILTIN:
         spec = json.loads(resources.files("peftune.data").joinpath(f"templates/{name}.json").read_text("utf-8"))
         return FileTemplate(name, spec)

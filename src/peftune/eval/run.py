@@ -151,7 +151,7 @@ def evaluate(args) -> dict:
         if rows:
             from ..data.render import Renderer, get_template
 
-            run_renderer = Renderer(tokenizer, get_template(cfg.prompt_template, tokenizer), cfg.cutoff_len,
+            run_renderer = Renderer(tokenizer, get_template(cfg.prompt_template, tokenizer, cfg.tool_format), cfg.cutoff_len,
                                     cfg.train_on_inputs, cfg.add_eos_token, cfg.mask_history)
             samples = run_renderer.render_all(rows, warn=lambda _: None)
             _say(f"  target: {len(samples)} rows, loss at scales {', '.join(f'{s:g}' for s in scales)}")

@@ -7,6 +7,7 @@ import sys
 
 from .. import models
 from ..adapters import run_config
+from ..data.tools import parse_calls
 from ..errors import PeftuneError
 from .engine import Engine
 from .sampling import SamplingParams
@@ -36,12 +37,13 @@ class Chat:
         self.system_prompt = self.engine.get(self.name).system_prompt
 
     def answer(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.9,
-               repetition_penalty: float = 1.0, stream: bool = False) -> str:
+               repetition_penalty: float = 1.0, stream: bool = False, tools: list | None = None) -> str:
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 repetition_penalty=repetition_penalty)
         on_text = (lambda t: print(t, end="", flush=True)) if stream else None
         # the caller's messages carry the system prompt it chose (run() puts the adapter's own in by default)
-        text, _, _ = self.engine.generate(self.name, messages, params, on_text=on_text, default_system=False)
+        text, _, _ = self.engine.generate(self.name, messages, params, on_text=on_text, default_system=False,
+                                          tools=tools)
         if stream:
             print(flush=True)
         return text.strip()
@@ -73,18 +75,38 @@ def repl(chat: Chat, system: str | None, **gen) -> None:
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
 
 
+def load_tools(path: str | None) -> list | None:
+    """--tools FILE: a JSON list of function definitions (OpenAI's {"type": "function", "function": {...}} or bare
+    {name, description, parameters})."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            tools = json.load(fh)
+    except OSError as e:
+        raise PeftuneError(f"--tools {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise PeftuneError(f"--tools {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    tools = [tools] if isinstance(tools, dict) else tools
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function", t).get("name"), str)
+                                              for t in tools):
+        raise PeftuneError(f"--tools {path}: expected a list of function definitions, each with a `name`")
+    return tools
+
+
 def run(args) -> int:
+    tools = load_tools(args.tools)
     chat = Chat(args.adapter, args.base_model, args.prompt_template, args.trust_remote_code, args.dtype, args.engine)
     try:
-        return _answer(chat, args)
+        return _answer(chat, args, tools)
     finally:
         chat.engine.close()
 
 
-def _answer(chat: Chat, args) -> int:
+def _answer(chat: Chat, args, tools: list | None = None) -> int:
     args.system = chat.system_prompt if args.system is None else args.system  # --system "" = none
     gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-           "repetition_penalty": args.repetition_penalty}
+           "repetition_penalty": args.repetition_penalty, "tools": tools}
     if not args.prompt:
         repl(chat, args.system, **gen)
         return 0
@@ -92,10 +114,17 @@ def _answer(chat: Chat, args) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
             [{"role": "user", "content": prompt}]
         answer = chat.answer(messages, **gen)
+        calls = parse_calls(answer) if tools else None  # the answer's calls, as `tool_calls` (data/tools.py)
         if args.json:
-            print(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False), flush=True)
+            out = {"prompt": prompt, "answer": answer}
+            if calls:
+                out["content"], out["tool_calls"] = calls
+            print(json.dumps(out, ensure_ascii=False), flush=True)
         else:
-            print(f"you> {prompt}\nassistant> {answer}\n", flush=True)
+            shown = answer if not calls else "\n".join(
+                ([calls[0]] if calls[0] else []) + [f"[tool call] {c['function']['name']}({c['function']['arguments']})"
+                                                    for c in calls[1]])
+            print(f"you> {prompt}\nassistant> {shown}\n", flush=True)
     return 0
 
 
@@ -105,7 +134,10 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt_template", help="override the prompt template the adapter was trained with")
     p.add_argument("--prompt", action="append", help="answer this prompt in a fresh conversation and exit "
                    "(repeatable)")
-    p.add_argument("--json", action="store_true", help='with --prompt: print one {"prompt", "answer"} JSON per line')
+    p.add_argument("--json", action="store_true", help='with --prompt: print one {"prompt", "answer"} JSON per line '
+                   '(and "content", "tool_calls" when the answer calls tools)')
+    p.add_argument("--tools", metavar="FILE.json", help="function definitions the model may call (a JSON list, as "
+                   "OpenAI's `tools`); calls in an answer are shown as tool calls (docs/tools.md)")
     p.add_argument("--system", help="a system message at the start of each conversation (default: the one the "
                    "adapter was trained with, its system_prompt; --system '' for none)")
     p.add_argument("--max_new_tokens", type=int, default=256, help="longest answer in tokens (default 256)")

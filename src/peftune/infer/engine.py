@@ -172,7 +172,8 @@ class Engine:
     # ------------------------------------------------------------------ adapters
     def _renderer(self, run: dict) -> Renderer:
         template = self.prompt_template or run.get("prompt_template", "auto")
-        return Renderer(self.tokenizer, get_template(template, self.tokenizer), cutoff_len=10**9)
+        return Renderer(self.tokenizer, get_template(template, self.tokenizer, run.get("tool_format", "auto")),
+                        cutoff_len=10**9)
 
     def _load(self, name: str, path: str, flag: str = "--adapter") -> Served:
         if not NAME.match(name) or name == self.base.name or name == "__base__":
@@ -262,14 +263,15 @@ class Engine:
         return self.served[name]
 
     # ------------------------------------------------------------------ prompts
-    def chat_prompt(self, name: str | None, messages: list[dict], tools=None, default_system: bool = True) -> list[int]:
+    def chat_prompt(self, name: str | None, messages: list[dict], tools=None, default_system: bool = True,
+                    answer_prefix: str = "") -> list[int]:
         """Token ids of a conversation for this model, its own system prompt added when the conversation has none
-        (unless default_system is False)."""
+        (unless default_system is False); `answer_prefix`: text the answer is made to begin with."""
         served = self.get(name)
         if default_system and served.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": served.system_prompt}, *messages]
         with self.tokenizer_lock:
-            return served.renderer.prompt_ids(messages, tools=tools)
+            return served.renderer.prompt_ids(messages, tools=tools) + served.renderer.encode(answer_prefix)
 
     def text_prompt(self, name: str | None, prompt: str) -> list[int]:
         served = self.get(name)
@@ -288,10 +290,11 @@ class Engine:
         return self.scheduler.submit(req)
 
     def generate(self, name: str | None, messages: list[dict], params: SamplingParams, on_text=None,
-                 default_system: bool = True):
+                 default_system: bool = True, tools=None):
         """One conversation, answered synchronously: (text, finish_reason, usage). on_text(chunk) streams."""
         events: queue.Queue = queue.Queue()
-        self.submit(name, self.chat_prompt(name, messages, default_system=default_system), params, events.put)
+        self.submit(name, self.chat_prompt(name, messages, tools=tools, default_system=default_system), params,
+                    events.put)
         parts: list[str] = []
         while True:
             event = events.get()

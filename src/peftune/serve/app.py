@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PeftuneError
 from ..infer.engine import Engine, PromptTooLong, QueueFull
+from . import tools as tool_calls
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest,
                        error, new_id, now)
 
@@ -172,21 +173,36 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             if "finish_reason" in event:
                 return "".join(parts), event
 
-    async def _sse(req, events: asyncio.Queue, chunk, include_usage: bool):
-        """`data: {...}` lines: each text delta, then one chunk with finish_reason, the usage chunk, [DONE]."""
+    async def _sse(req, events: asyncio.Queue, chunk, include_usage: bool, calls: tool_calls.CallStream | None = None):
+        """`data: {...}` lines: each text delta, then one chunk with finish_reason, the usage chunk, [DONE]. With
+        `calls` (a request with tools), text that may be a tool call is held and ends as tool-call deltas."""
+        def line(payload) -> str:
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
         try:
             first = chunk({"role": "assistant", "content": ""}, None)
             if first is not None:
-                yield f"data: {json.dumps(first, ensure_ascii=False)}\n\n"
+                yield line(first)
             while True:
                 event = await events.get()
                 if "error" in event:
-                    yield f"data: {json.dumps({'error': {'message': event['error'], 'type': 'server_error'}})}\n\n"
+                    yield line({"error": {"message": event["error"], "type": "server_error"}})
                     break
-                if event.get("text"):
-                    yield f"data: {json.dumps(chunk({'content': event['text']}, None), ensure_ascii=False)}\n\n"
+                text = event.get("text")
+                if text and calls is not None:
+                    text = calls.push(text)
+                if text:
+                    yield line(chunk({"content": text}, None))
                 if "finish_reason" in event:
-                    yield f"data: {json.dumps(chunk({}, event['finish_reason']), ensure_ascii=False)}\n\n"
+                    finish = event["finish_reason"]
+                    if calls is not None:
+                        rest, deltas = calls.finish()
+                        if rest:
+                            yield line(chunk({"content": rest}, None))
+                        if deltas:
+                            yield line(chunk({"tool_calls": deltas}, None))
+                            finish = "tool_calls"
+                    yield line(chunk({}, finish))
                     if include_usage:
                         yield f"data: {json.dumps(chunk(None, None, event['usage']), ensure_ascii=False)}\n\n"
                     break
@@ -204,8 +220,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         _n_is_one(body)
         served = _served(body.model)
         messages = [m.plain() for m in body.messages]
+        prefix = tool_calls.forced_prefix(body.tool_choice) if body.calls_tools() else ""
         try:
-            prompt_ids = engine.chat_prompt(served.name, messages)
+            prompt_ids = engine.chat_prompt(served.name, messages, tools=body.tool_list(), answer_prefix=prefix)
         except (PeftuneError, ValueError, TypeError) as e:
             raise APIError(400, f"messages: cannot render this conversation: {e}", param="messages") from None
         req, events = await _run(request, served.name, prompt_ids, body.sampling(body.limit(settings.default_max_tokens)),
@@ -221,11 +238,14 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(req, events, chunk, include), media_type="text/event-stream")
+            calls = tool_calls.CallStream(prefix) if body.calls_tools() else None
+            return StreamingResponse(_sse(req, events, chunk, include, calls), media_type="text/event-stream")
         text, final = await _collect(request, req, events)
+        message, called = tool_calls.message(prefix + text) if body.calls_tools() else \
+            ({"role": "assistant", "content": text}, None)
         return {"id": rid, "object": "chat.completion", "created": created, "model": served.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": final["finish_reason"]}],
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": called or final["finish_reason"]}],
                 "usage": final["usage"]}
 
     @app.post("/v1/completions")

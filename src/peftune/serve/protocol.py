@@ -114,10 +114,50 @@ class _Sampling(_Request):
                               presence_penalty=self.presence_penalty or 0.0, ignore_eos=self.ignore_eos)
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: Optional[str] = None
+    parameters: Optional[dict] = None
+
+
+class Tool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_needs_tools(cls, v, info):
+        tools = info.data.get("tools") or []
+        if v not in (None, "none", "auto") and not tools:
+            raise ValueError("tool_choice asks for a tool call, but no tools are given")
+        if isinstance(v, NamedToolChoice) and v.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names the function {v.function.name!r}, which is not in tools")
+        return v
+
+    def tool_list(self) -> list[dict] | None:
+        """The tools as the conversation row shape has them (OpenAI's {"type", "function"} objects)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def calls_tools(self) -> bool:
+        """Whether the answer is read for tool calls (tools given, tool_choice not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def limit(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default

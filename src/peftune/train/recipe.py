@@ -223,7 +223,7 @@ def prepare_data(cfg: TrainConfig, say=print) -> tuple:
         train_rows, val_rows = split_validation(rows, cfg.val_set_size, cfg.seed)
     train_rows = apply_weights(train_rows, cfg.seed)
     tokenizer = models.load_tokenizer(cfg.base_model, cfg.trust_remote_code)
-    renderer = Renderer(tokenizer, get_template(cfg.prompt_template, tokenizer), cfg.cutoff_len,
+    renderer = Renderer(tokenizer, get_template(cfg.prompt_template, tokenizer, cfg.tool_format), cfg.cutoff_len,
                         cfg.train_on_inputs, cfg.add_eos_token, cfg.mask_history)
     train_set = renderer.render_all(train_rows, warn=say, skip_bad_rows=cfg.skip_bad_rows)
     train_set += replay.replay_samples(cfg, renderer, len(train_rows), say)  # the forgetting guard (off unless set)
