@@ -65,7 +65,8 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     path = argv[0] if argv and not argv[0].startswith("--") else None
     cfg = load_config(path, parse_overrides(argv[1:] if path else argv))
-    from .train.recipe import launched_processes, train
+    from .train.distributed import launched_processes
+    from .train.recipe import train
 
     if cfg.num_processes > 1 and not launched_processes():
         return launch_processes(cfg.num_processes, argv)

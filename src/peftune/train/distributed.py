@@ -1,5 +1,5 @@
-"""Training on several processes: which of a step's micro-batches are this process's, its dropout seed, and the
-numbers every process must agree on.
+"""Training on several processes: whether a launcher started this one as one of several, which of a step's
+micro-batches are this process's, its dropout seed, and the numbers every process must agree on.
 
 Every process builds the same global plan of each optimizer step (data/batching.py: a pure function of seed and
 epoch), so the trained tokens of the whole step are known everywhere without communication; process r takes the
@@ -10,7 +10,39 @@ backward.
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from ..errors import PeftuneError
+
+# what launchers set: torchrun, `accelerate launch`, deepspeed and torch.distributed.launch WORLD_SIZE; srun its step's
+LAUNCHER_SIZES = ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+def launched_processes() -> tuple[str, int] | None:
+    """(the variable, the count) when a launcher started this process as one of several; None otherwise."""
+    for name in LAUNCHER_SIZES:
+        try:
+            count = int(os.environ.get(name, "1") or 1)
+        except ValueError:
+            continue
+        if count > 1:
+            return name, count
+    return None
+
+
+def check_launch(launched: tuple[str, int] | None, running: int, asked: int) -> None:
+    """A launcher's count that Accelerate does not run (srun without torchrun: Accelerate reads no SLURM variable,
+    and every process would train alone into the same output_dir), or a num_processes other than the launcher's,
+    is refused before anything is read or written."""
+    if launched and running != launched[1]:
+        raise PeftuneError(f"launched as one of {launched[1]} processes ({launched[0]}={launched[1]}), but "
+                           f"Accelerate runs {running}: every process would train alone into the same output_dir. "
+                           "Launch with torchrun or `accelerate launch` (inside srun too), or run `peftune train "
+                           "CONFIG --num_processes N`")
+    if asked > 1 and running != asked:
+        raise PeftuneError(f"num_processes {asked}, but the launcher started {running}")
 
 
 def my_micro_batches(micro_batches: list, rank: int, world: int) -> tuple[list, bool]:

@@ -136,28 +136,12 @@ def resolve_precision(setting: str) -> str:
     return "bf16" if cpu_has_bf16() else "no"
 
 
-# what launchers set: torchrun, `accelerate launch`, deepspeed and torch.distributed.launch WORLD_SIZE; srun its step's
-LAUNCHER_SIZES = ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
-
-
-def launched_processes() -> tuple[str, int] | None:
-    """(the variable, the count) when a launcher started this process as one of several; None otherwise."""
-    for name in LAUNCHER_SIZES:
-        try:
-            count = int(os.environ.get(name, "1") or 1)
-        except ValueError:
-            continue
-        if count > 1:
-            return name, count
-    return None
-
-
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
     from accelerate.state import AcceleratorState
 
-    launched = launched_processes()
+    launched = distributed.launched_processes()
     precision = resolve_precision(cfg.mixed_precision)
     state = AcceleratorState._shared_state
     if state and str(state.get("_mixed_precision", precision)) != precision:
@@ -175,13 +159,7 @@ def make_accelerator(cfg: TrainConfig):
     cpu = bool(launched) and not torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=precision, log_with=trackers or None, cpu=cpu,
                               project_dir=os.path.join(cfg.output_dir, "runs") if trackers else None)
-    if launched and accelerator.num_processes != launched[1]:
-        raise PeftuneError(f"launched as one of {launched[1]} processes ({launched[0]}={launched[1]}), but "
-                           f"Accelerate runs {accelerator.num_processes}: every process would train alone into the "
-                           "same output_dir. Launch with torchrun or `accelerate launch` (inside srun too), or "
-                           "run `peftune train CONFIG --num_processes N`")
-    if cfg.num_processes > 1 and accelerator.num_processes != cfg.num_processes:
-        raise PeftuneError(f"num_processes {cfg.num_processes}, but the launcher started {accelerator.num_processes}")
+    distributed.check_launch(launched, accelerator.num_processes, cfg.num_processes)
     return precision, accelerator
 
 
