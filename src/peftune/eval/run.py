@@ -155,7 +155,7 @@ def evaluate(args) -> dict:
                                     cfg.train_on_inputs, cfg.add_eos_token, cfg.mask_history)
             samples = run_renderer.render_all(rows, warn=lambda _: None)
             _say(f"  target: {len(samples)} rows, loss at scales {', '.join(f'{s:g}' for s in scales)}")
-            target["scores"] = engine.call(score, model, samples, scales, pad, 8, None, base)
+            target["scores"] = engine.call(score, model, samples, scales, pad, base_model=base)
             prompts = [run_renderer.prompt_ids(r["messages"][:-1]) if whole else
                        engine.chat_prompt(name, r["messages"][:-1], default_system=False) for r in rows]
             refs = [r["messages"][-1]["content"] for r in rows]
@@ -175,7 +175,7 @@ def evaluate(args) -> dict:
         tuned_out = tuned(probe_prompts, "the tuned answers to the general probe", base_out)
         samples = [answer_sample(engine.base.renderer, ids, a) for ids, a in zip(probe_prompts, base_out)]
         _say(f"  general probe: {len(samples)} prompts, loss and KL at scales {', '.join(f'{s:g}' for s in scales)}")
-        probe = {"scores": engine.call(score, model, samples, scales, pad, 8, None, base),
+        probe = {"scores": engine.call(score, model, samples, scales, pad, base_model=base),
                  "same": [b["text"] == t["text"] for b, t in zip(base_out, tuned_out)],
                  "examples": [{"prompt": p["prompt"], "base": b["text"], "tuned": t["text"]}
                               for p, b, t in list(zip(probe_items, base_out, tuned_out))[:5]]}
@@ -190,7 +190,7 @@ def evaluate(args) -> dict:
                     samples.append(s)
                     owner.append(q)
             _say(f"  {task}: {len(questions)} questions, {len(samples)} choices")
-            scores = engine.call(score, model, samples, [1.0], pad, 8, None, base)
+            scores = engine.call(score, model, samples, [1.0], pad, base_model=base)
             choice[task] = report.mc_correct(questions, samples, owner, scores)
     finally:
         engine.close()

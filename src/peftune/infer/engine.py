@@ -225,10 +225,10 @@ class Engine:
                                "adapters of one kind together") from None
         return bool(getattr(self.model.peft_config[name], "is_prompt_learning", False))
 
-    def call(self, fn, *args):
-        """fn(*args) run in the engine's thread, its result returned: torch work of the caller's own while this
-        engine is alive belongs there too (scheduler.py says why)."""
-        return self.scheduler.call(fn, *args)
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) run in the engine's thread, its result returned: torch work of the caller's own while
+        this engine is alive belongs there too (scheduler.py says why)."""
+        return self.scheduler.call(fn, *args, **kwargs)
 
     def load_adapter(self, name: str, path: str) -> Served:
         return self.scheduler.call(self._load, name, path, "lora_path")

@@ -69,6 +69,15 @@ class RowSampler:
         return token
 
 
+def partial_tail(text: str, marker: str) -> int:
+    """The length of the longest start of `marker` (not all of it) that `text` ends with: what a stream holds back
+    because the next piece may complete the marker."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0
+
+
 class TextStream:
     """Incremental detokenization with stop strings: `push(token)` returns the new text that is safe to show.
 
@@ -92,10 +101,7 @@ class TextStream:
             return self._take(len(self.text))
         safe = len(self.text.rstrip("\ufffd"))
         for s in self.stop:  # hold back a tail that is the start of a stop string
-            for k in range(min(len(s) - 1, safe), 0, -1):
-                if self.text[:safe].endswith(s[:k]):
-                    safe -= k
-                    break
+            safe -= partial_tail(self.text[:safe], s)
         return self._take(safe)
 
     def finish(self) -> str:

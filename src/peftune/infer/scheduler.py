@@ -130,7 +130,6 @@ class Scheduler:
         self.backend, self.max_batch = backend, max_batch
         self.pending: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.cohorts: dict[str, Cohort] = {}
-        self.lock = threading.Lock()  # held around each step and each call
         self.jobs: queue.Queue[Callable[[], None]] = queue.Queue()
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="peftune-decode", daemon=True)
@@ -144,17 +143,18 @@ class Scheduler:
             raise QueueFull(f"{self.pending.maxsize} requests are already waiting") from None
         return req
 
-    def call(self, fn: Callable, *args):
-        """fn(*args) run in the worker thread between steps (the caller waits): its result, or what it raised."""
+    def call(self, fn: Callable, *args, **kwargs):
+        """fn(*args, **kwargs) run in the worker thread between steps (the caller waits): its result, or what it
+        raised."""
         if threading.current_thread() is self.thread:
-            return fn(*args)
+            return fn(*args, **kwargs)
         if not self.thread.is_alive():
             raise RuntimeError("the engine is closed")
         done, box = threading.Event(), {}
 
         def job() -> None:
             try:
-                box["result"] = fn(*args)
+                box["result"] = fn(*args, **kwargs)
             except BaseException as e:  # noqa: BLE001  (handed to the caller)
                 box["error"] = e
             finally:
@@ -180,16 +180,14 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                while not self.jobs.empty():
-                    with self.lock:
-                        self.jobs.get_nowait()()
+                while not self.jobs.empty():  # calls run here, between steps: nothing else touches the state
+                    self.jobs.get_nowait()()
                 idle = self.running() == 0
                 self._admit(block=idle)
-                with self.lock:
-                    for cohort in list(self.cohorts.values()):
-                        if cohort.rows:
-                            self._step(cohort)
-                    self.cohorts = {k: c for k, c in self.cohorts.items() if c.rows}
+                for cohort in list(self.cohorts.values()):
+                    if cohort.rows:
+                        self._step(cohort)
+                self.cohorts = {k: c for k, c in self.cohorts.items() if c.rows}
             except Exception as e:  # a bug must not kill the server: fail the running requests, keep serving
                 self._fail_all(f"internal error while generating: {type(e).__name__}: {e}")
 
@@ -202,11 +200,10 @@ class Scheduler:
             block = False
             if req.cancelled.is_set():
                 continue
-            with self.lock:
-                try:
-                    self._prefill(req)
-                except Exception as e:
-                    req.emit({"error": f"{type(e).__name__}: {e}"})
+            try:
+                self._prefill(req)
+            except Exception as e:
+                req.emit({"error": f"{type(e).__name__}: {e}"})
 
     @torch.inference_mode()
     def _prefill(self, req: Request) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from ..data.tools import parse_calls
+from ..infer.sampling import partial_tail
 from .protocol import new_id
 
 OPEN = "<tool_call>"
@@ -52,11 +53,7 @@ class CallStream:
             self.held = True
             out, self.shown = self.text[self.shown:start], start
             return out
-        safe = len(self.text)
-        for k in range(min(len(OPEN) - 1, len(self.text) - self.shown), 0, -1):
-            if self.text.endswith(OPEN[:k]):
-                safe -= k
-                break
+        safe = len(self.text) - partial_tail(self.text[self.shown:], OPEN)
         out, self.shown = self.text[self.shown:safe], safe
         return out
 
