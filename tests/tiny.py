@@ -75,9 +75,11 @@ def make_adapter(tiny_model_dir, tokenizer, cfg, path, seed=0, noise=0.1):
     return model.eval()
 
 
-def train_process(base_model: str, data_file: str, out, *args: str, fault: str | None = None, wait: bool = True):
+def train_process(base_model: str, data_file: str, out, *args: str, fault: str | None = None, wait: bool = True,
+                  launcher: tuple[str, ...] = ()):
     """`peftune train` in a process of its own (so PEFTUNE_FAULT can kill it with -9): the finished run, or with
-    wait=False the running Popen."""
+    wait=False the running Popen. `launcher`: the arguments of a launcher module run before `-m peftune.cli`
+    (e.g. accelerate.commands.launch and its options)."""
     import os
     import subprocess
     import sys
@@ -86,7 +88,7 @@ def train_process(base_model: str, data_file: str, out, *args: str, fault: str |
     env.pop("PEFTUNE_FAULT", None)
     if fault:
         env["PEFTUNE_FAULT"] = fault
-    cmd = [sys.executable, "-m", "peftune.cli", "train", "--base_model", base_model, "--data_path", data_file,
+    cmd = [sys.executable, *(("-m", *launcher) if launcher else ()), "-m", "peftune.cli", "train", "--base_model", base_model, "--data_path", data_file,
            "--output_dir", str(out), *args]
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

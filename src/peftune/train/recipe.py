@@ -33,7 +33,7 @@ from ..io import atomic_write_text
 from . import checkpoint, curves, faults, replay
 from .attention import use_packed_attention
 from .guards import StopRequest, finite, return_large_buffers_to_os
-from . import distributed
+from . import distributed, sharding
 from .dropout import use_fast_dropout
 from .fused import fuse_projections
 from .loss import LossModel, accumulate_step, forward_loss_sum
@@ -178,12 +178,15 @@ def training_rate(counters: dict) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, samples: list[dict], micro_batch_size: int, collate) -> float:
+def evaluate(model, samples: list[dict], micro_batch_size: int, collate, sharded=None) -> float:
+    """Mean loss per trained token. `sharded`: the FSDP-wrapped LossModel, whose own forward must run (its root
+    gathers the embeddings and head); otherwise the model is called directly (no DDP broadcast per batch)."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(samples), micro_batch_size):
         chunk = samples[i:i + micro_batch_size]
-        total += forward_loss_sum(model, collate(chunk)).item()
+        batch = collate(chunk)
+        total += (sharded(batch)[1] if sharded is not None else forward_loss_sum(model, batch)).item()
         count += batching.trained_tokens(chunk)
     model.train()
     return total / max(count, 1)
@@ -216,10 +219,14 @@ def train(cfg: TrainConfig, say=print) -> dict:
     # keeps what the run used, and chat/serve read it from there)
     cfg = dataclasses.replace(cfg, learning_rate=methods.learning_rate(cfg),
                               system_prompt=system_prompt(cfg.system_prompt, cfg.data_vars))
+    fsdp = sharding.requested()
     precision, accelerator = make_accelerator(cfg)
     if cfg.release_memory and accelerator.device.type == "cpu":
         return_large_buffers_to_os()
     cfg.validate(accelerator.num_processes)
+    fsdp = fsdp if accelerator.num_processes > 1 else None  # one process: nothing to shard
+    if fsdp:
+        sharding.check_config(cfg, precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
     if not main:  # one voice: the main process speaks for all
@@ -277,8 +284,17 @@ def train(cfg: TrainConfig, say=print) -> dict:
     warmup = min(warmup, steps - 1)  # warmup starts at lr 0: a run must have at least one step past it
     scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler),
                               optimizer, num_warmup_steps=warmup, num_training_steps=steps)
-    # the wrapper (DDP under several processes) goes around the loss's forward; `model` stays the model itself
-    loss_model, optimizer = accelerator.prepare(LossModel(model), optimizer)
+    # the wrapper (DDP under several processes, or FSDP's sharding) goes around the loss's forward; `model` stays
+    # the model itself
+    if fsdp:
+        layers, mine, whole = sharding.shard(loss_model := LossModel(model), fsdp, accelerator.device)
+        say(f"FSDP: the frozen base sharded over {world} processes ({layers} layers, and the rest at the root): this "
+            f"process holds {adapters.human_bytes(mine)} of its {adapters.human_bytes(whole)}; the adapter is whole "
+            "on each")
+        no_sync = lambda last: contextlib.nullcontext()  # noqa: E731
+    else:
+        loss_model, optimizer = accelerator.prepare(LossModel(model), optimizer)
+        no_sync = lambda last: contextlib.nullcontext() if last else accelerator.no_sync(loss_model)  # noqa: E731
     model.train()
     if packing:
         collate = batching.collate_packed
@@ -324,9 +340,11 @@ def train(cfg: TrainConfig, say=print) -> dict:
                 distributed.seed_step(cfg.seed, step, rank)
             loss_sum, step_tokens = accumulate_step(
                 loss_model, mine, lambda mb: to_device(collate(mb)), accelerator.backward, accelerator.autocast,
-                lambda last: contextlib.nullcontext() if last else accelerator.no_sync(loss_model),
+                no_sync,
                 lambda: adapter.penalty(model), cfg.replay_beta, cfg.replay_ce,
                 sum(batching.trained_tokens(mb) for mb in micro_batches), world, weight=0.0 if stand_in else 1.0)
+            if fsdp:
+                sharding.all_reduce_gradients(params, world)
             if world > 1:  # every process decides from the same numbers: the step's loss, tokens, a stop signal
                 loss_sum, step_tokens = distributed.reduce([loss_sum, step_tokens], accelerator.device)
                 step_tokens = int(step_tokens)
@@ -364,7 +382,8 @@ def train(cfg: TrainConfig, say=print) -> dict:
                 faults.point("in_eval", done)
                 eval_start = time.perf_counter()
                 counters["eval_loss"] = record["eval_loss"] = evaluate(
-                    model, val_set, cfg.micro_batch_size, lambda c: to_device(collate(c)))
+                    model, val_set, cfg.micro_batch_size, lambda c: to_device(collate(c)),
+                    sharded=loss_model if fsdp else None)
                 counters["eval_s"] += time.perf_counter() - eval_start
                 if main:
                     bar.write(f"step {done}: eval_loss {record['eval_loss']:.4f}")
