@@ -16,8 +16,9 @@ import torch
 
 from ..errors import PeftuneError
 
-# what launchers set: torchrun, `accelerate launch`, deepspeed and torch.distributed.launch WORLD_SIZE; srun its step's
-LAUNCHER_SIZES = ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
+# what launchers set: torchrun, `accelerate launch`, deepspeed and torch.distributed.launch WORLD_SIZE; mpirun (what
+# `accelerate launch --cpu` uses for several processes) the MPI sizes Accelerate reads; srun its step's task count
+LAUNCHER_SIZES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 
 
 def launched_processes() -> tuple[str, int] | None:
