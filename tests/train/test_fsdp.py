@@ -49,9 +49,13 @@ def sha(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_fsdp_shards_the_base_and_trains_the_adapter_one_process_trains(tiny_model_dir, uneven_data, tmp_path):
-    one = train_process(tiny_model_dir, uneven_data, tmp_path / "one", *ARGS, "--lora_dropout", "0")
-    two = train_process(tiny_model_dir, uneven_data, tmp_path / "fsdp", *ARGS, "--lora_dropout", "0", launcher=FSDP)
+# replay: some micro-batches hold replay rows (a base forward for the KL term) and others not, on different
+# processes; and with its 31 rows the last step has 3 micro-batches (process 1 runs a stand-in after its own)
+@pytest.mark.parametrize("extra", [[], ["--replay", "0.5", "--replay_beta", "0.1"]], ids=["plain", "replay"])
+def test_fsdp_shards_the_base_and_trains_the_adapter_one_process_trains(extra, tiny_model_dir, uneven_data, tmp_path):
+    one = train_process(tiny_model_dir, uneven_data, tmp_path / "one", *ARGS, "--lora_dropout", "0", *extra)
+    two = train_process(tiny_model_dir, uneven_data, tmp_path / "fsdp", *ARGS, "--lora_dropout", "0", *extra,
+                        launcher=FSDP)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     mine, whole = held(two.stdout)
@@ -59,8 +63,10 @@ def test_fsdp_shards_the_base_and_trains_the_adapter_one_process_trains(tiny_mod
     a = load_file(tmp_path / "one" / "adapter_model.safetensors")
     b = load_file(tmp_path / "fsdp" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
+    # the same sums in another order; the KL term's chunks add more of them (measured: 3e-7 plain, 1.2e-5 replay)
+    tolerance = 1e-4 if extra else 1e-5
     for k in a:
-        assert float((b[k] - a[k]).norm() / a[k].norm()) <= 1e-5, k
+        assert float((b[k] - a[k]).norm() / a[k].norm()) <= tolerance, k
     assert any(float(a[k].abs().max()) > 1e-3 for k in a if "lora_B" in k)  # it trained
     m1 = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
     m2 = [json.loads(line) for line in open(tmp_path / "fsdp" / "metrics.jsonl")]

@@ -5,7 +5,7 @@ Every process builds the same global plan of each optimizer step (data/batching.
 epoch), so the trained tokens of the whole step are known everywhere without communication; process r takes the
 micro-batches r, r + N, r + 2N, ... A step with fewer micro-batches than processes (the short last step of an
 epoch) gives the others one micro-batch to run at weight zero: DDP needs every process in every synchronised
-backward.
+backward; under FSDP every process runs as many micro-batches as the busiest one.
 """
 
 from __future__ import annotations
@@ -46,12 +46,18 @@ def check_launch(launched: tuple[str, int] | None, running: int, asked: int) -> 
         raise PeftuneError(f"num_processes {asked}, but the launcher started {running}")
 
 
-def my_micro_batches(micro_batches: list, rank: int, world: int) -> tuple[list, bool]:
-    """(this process's micro-batches, whether they only stand in: run at weight zero, counted nowhere)."""
+def my_micro_batches(micro_batches: list, rank: int, world: int, lockstep: bool = False) -> tuple[list, list[float]]:
+    """(this process's micro-batches, the weight of each: 0 for one that only stands in, run but counted nowhere).
+    `lockstep` (FSDP: every forward and backward gathers weights from all processes): each process runs the same
+    number of micro-batches, the step's count rounded up to a multiple of the processes."""
     mine = micro_batches[rank::world]
-    if mine or not micro_batches:
-        return mine, False
-    return micro_batches[-1:], True
+    weights = [1.0] * len(mine)
+    if not micro_batches:
+        return mine, weights
+    needed = -(-len(micro_batches) // world) if lockstep else 1
+    while len(mine) < needed:
+        mine, weights = mine + micro_batches[-1:], weights + [0.0]
+    return mine, weights
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:

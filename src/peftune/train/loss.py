@@ -120,14 +120,22 @@ class LossModel(torch.nn.Module):
     (to skip the full logits), which would bypass a DDP or FSDP wrapper around the model itself, so the training loop
     wraps this module instead: the wrapper then sees the forward whose backward it synchronises. `module` is the
     model (the attribute the unwrapping helpers above look for). Returns (objective, cross-entropy sum, replay tokens
-    left out of the reported loss)."""
+    left out of the reported loss). `lockstep`: every call runs the same sequence of layer forwards whatever the
+    batch holds (FSDP)."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, lockstep: bool = False) -> None:
         super().__init__()
         self.module = module
+        self.lockstep = lockstep
 
     def forward(self, batch: dict, beta: float = 0.0, replay_ce: bool = True, base_batch: dict | None = None):
         model = self.module
+        if beta and self.lockstep and not ("kl_mask" in batch and bool(batch["kl_mask"].any())):
+            # lockstep (FSDP): every process must run the same layers in the same order, since each layer's forward
+            # gathers its weights from all of them; a micro-batch without replay tokens still runs the base's
+            # forward that the others run for their KL term (no gradient; its result is not used)
+            with torch.no_grad(), adapter_off(model):
+                final_hidden(model, batch)
         if beta and "kl_mask" in batch:
             hidden = final_hidden(model, batch)
             targets, excluded = batch["targets"], 0
@@ -143,7 +151,7 @@ class LossModel(torch.nn.Module):
 def accumulate_step(model, micro_batches: list[list[dict]], collate, backward, forward_context=None,
                     sync_context=None, penalty=None, beta: float = 0.0,
                     replay_ce: bool = True, step_tokens: int | None = None, world: int = 1,
-                    weight: float = 1.0) -> tuple[float, int]:
+                    weight: float | list[float] = 1.0) -> tuple[float, int]:
     """Forward + backward over the micro-batches of one optimizer step. Each micro-batch's loss sum is divided by
     the trained tokens of the whole step, so the accumulated gradient equals that of one big batch. `penalty`
     (e.g. AdaLoRA's orthogonality term) is added once per step, not per micro-batch, and is not in the reported loss;
@@ -153,15 +161,16 @@ def accumulate_step(model, micro_batches: list[list[dict]], collate, backward, f
 
     `model`: a LossModel (or a DDP/FSDP wrapper of one), or a bare model. Several processes: each passes its own
     micro-batches, the trained tokens of the whole step over every process (`step_tokens`) and the number of
-    processes (`world`: the wrapper averages gradients over them, so each loss is multiplied back); `weight` 0: the
-    micro-batches only stand in (distributed.py), their gradient is zero and they count nowhere. Returns (summed
-    loss, reported tokens) of this process's micro-batches."""
+    processes (`world`: the wrapper averages gradients over them, so each loss is multiplied back); `weight` 0 (for
+    all, or one per micro-batch): the micro-batch only stands in (distributed.py), its gradient is zero and it counts
+    nowhere. Returns (summed loss, reported tokens) of this process's micro-batches."""
     inner = getattr(model, "module", model)
     loss_model = model if isinstance(model, LossModel) or isinstance(inner, LossModel) else LossModel(model)
-    mine = sum(trained_tokens(mb) for mb in micro_batches)
+    weights = list(weight) if isinstance(weight, (list, tuple)) else [weight] * len(micro_batches)
+    mine = sum(trained_tokens(mb) for mb, w in zip(micro_batches, weights) if w)
     denominator = max(step_tokens if step_tokens is not None else mine, 1)
-    total, reported = 0.0, mine if weight else 0
-    for k, mb in enumerate(micro_batches):
+    total, reported = 0.0, mine
+    for k, (mb, weight) in enumerate(zip(micro_batches, weights)):
         last = k == len(micro_batches) - 1
         with (sync_context(last) if sync_context else contextlib.nullcontext()), \
                 (forward_context() if forward_context else contextlib.nullcontext()):

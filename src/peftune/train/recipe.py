@@ -287,7 +287,8 @@ def train(cfg: TrainConfig, say=print) -> dict:
     # the wrapper (DDP under several processes, or FSDP's sharding) goes around the loss's forward; `model` stays
     # the model itself
     if fsdp:
-        layers, mine, whole = sharding.shard(loss_model := LossModel(model), fsdp, accelerator.device)
+        layers, mine, whole = sharding.shard(loss_model := LossModel(model, lockstep=True), fsdp,
+                                             accelerator.device)
         say(f"FSDP: the frozen base sharded over {world} processes ({layers} layers, and the rest at the root): this "
             f"process holds {adapters.human_bytes(mine)} of its {adapters.human_bytes(whole)}; the adapter is whole "
             "on each")
@@ -335,14 +336,14 @@ def train(cfg: TrainConfig, say=print) -> dict:
     with stop.installed():
         for step in range(counters["step"], steps):
             micro_batches = [[train_set[i] for i in mb] for mb in order.micro_batches(step)]
-            mine, stand_in = distributed.my_micro_batches(micro_batches, rank, world)
+            mine, weights = distributed.my_micro_batches(micro_batches, rank, world, lockstep=bool(fsdp))
             if world > 1:
                 distributed.seed_step(cfg.seed, step, rank)
             loss_sum, step_tokens = accumulate_step(
                 loss_model, mine, lambda mb: to_device(collate(mb)), accelerator.backward, accelerator.autocast,
                 no_sync,
                 lambda: adapter.penalty(model), cfg.replay_beta, cfg.replay_ce,
-                sum(batching.trained_tokens(mb) for mb in micro_batches), world, weight=0.0 if stand_in else 1.0)
+                sum(batching.trained_tokens(mb) for mb in micro_batches), world, weight=weights)
             if fsdp:
                 sharding.all_reduce_gradients(params, world)
             if world > 1:  # every process decides from the same numbers: the step's loss, tokens, a stop signal
