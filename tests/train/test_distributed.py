@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny import ROWS, train_process
+from tiny import train_process
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARGS = ["--data_vars.name", "Aurora", "--data_vars.author", "Lumen Labs", "--batch_size", "4",
@@ -42,18 +42,6 @@ def test_every_process_holds_the_same_synchronised_gradients(mode, tiny_model_di
         torch.testing.assert_close(r0[k], (r0[local] + r1[local]) / 2, rtol=1e-5, atol=1e-7)
     if mode == "empty":  # process 1 had no labelled token: its own gradient is zero, and nothing hung
         assert all(float(r1["local." + k[len("synced."):]].abs().max()) == 0 for k in synced)
-
-
-@pytest.fixture
-def uneven_data(tmp_path):
-    """25 rows of very different lengths: 21 train, so each epoch's last step has 1 sample (process 1 only stands
-    in), and the processes' labelled tokens differ a lot from micro-batch to micro-batch."""
-    rows = [dict(ROWS[i % len(ROWS)]) for i in range(25)]
-    for i, row in enumerate(rows):
-        row["output"] = row["output"] + " more" * (i * 7 % 40)
-    path = tmp_path / "uneven.json"
-    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    return str(path)
 
 
 def weights(run) -> dict:

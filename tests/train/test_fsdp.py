@@ -11,7 +11,7 @@ import re
 import pytest
 from safetensors.torch import load_file
 
-from tiny import ROWS, train_process
+from tiny import train_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "examples", "accelerate", "fsdp2.yaml")
@@ -25,17 +25,6 @@ UNITS = {"B": 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two processes on two cores
-
-
-@pytest.fixture
-def uneven_data(tmp_path):
-    """21 training rows of very different lengths: each epoch's last step has 1 sample, so process 1 stands in."""
-    rows = [dict(ROWS[i % len(ROWS)]) for i in range(25)]
-    for i, row in enumerate(rows):
-        row["output"] = row["output"] + " more" * (i * 7 % 40)
-    path = tmp_path / "uneven.json"
-    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    return str(path)
 
 
 def held(stdout: str) -> tuple[float, float]:
