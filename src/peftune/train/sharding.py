@@ -102,7 +102,7 @@ def shard(loss_model: torch.nn.Module, plugin, device: torch.device) -> tuple[in
 def all_reduce_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     """Averages the trainable parameters' gradients over the processes (what DDP does; accumulate_step has scaled
     each loss for an average). Hand-written because the trainable parameters are outside FSDP's sharding: one flat
-    all-reduce per step. A parameter without a gradient on every process keeps none (as with one process)."""
+    all-reduce per step. A parameter that has no gradient on any process keeps none (as with one process)."""
     import torch.distributed as dist
 
     if not params:
