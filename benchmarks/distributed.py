@@ -36,8 +36,8 @@ def run(out: str, processes: int, threads: int, max_steps: int, fsdp: bool) -> d
                   os.path.join(ROOT, "examples", "accelerate", "fsdp2.yaml"), "--num_processes", str(processes)]
     else:
         launch = []
-    cmd = [sys.executable, "-c", MEASURE, sys.executable, *launch, "-m", "peftune.cli", "train", "--data_path", os.path.join(ROOT, "data", "alpaca_en_demo.json"),
-           "--output_dir", out, "--max_steps", str(max_steps), "--batch_size", "8", "--micro_batch_size", "2",
+    cmd = [sys.executable, "-c", MEASURE, sys.executable, *launch, "-m", "peftune.cli", "train",
+           "--data_path", os.path.join(ROOT, "data", "alpaca_en_demo.json"), "--output_dir", out, "--max_steps", str(max_steps), "--batch_size", "8", "--micro_batch_size", "2",
            "--lora_r", "16", "--lora_alpha", "32", "--lora_target_modules", "all-linear", "--cutoff_len", "384",
            "--val_set_size", "16", "--eval_steps", str(max_steps), "--mixed_precision", "no",
            "--save_steps", "0", *([] if fsdp else ["--num_processes", str(processes)])]

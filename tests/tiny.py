@@ -88,8 +88,8 @@ def train_process(base_model: str, data_file: str, out, *args: str, fault: str |
     env.pop("PEFTUNE_FAULT", None)
     if fault:
         env["PEFTUNE_FAULT"] = fault
-    cmd = [sys.executable, *(("-m", *launcher) if launcher else ()), "-m", "peftune.cli", "train", "--base_model", base_model, "--data_path", data_file,
-           "--output_dir", str(out), *args]
+    cmd = [sys.executable, *(("-m", *launcher) if launcher else ()), "-m", "peftune.cli", "train",
+           "--base_model", base_model, "--data_path", data_file, "--output_dir", str(out), *args]
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -4,7 +4,7 @@ anything is read or written; one process under a launcher trains as usual."""
 
 import pytest
 
-from peftune.train.distributed import launched_processes
+from peftune.train.distributed import LAUNCHER_SIZES, launched_processes
 from tiny import train_process
 
 ARGS = ["--data_vars.name", "Aurora", "--data_vars.author", "Lumen Labs", "--batch_size", "2", "--micro_batch_size", "2",
@@ -32,7 +32,7 @@ def test_one_process_under_a_launcher_trains(tiny_model_dir, data_file, tmp_path
 def test_every_launcher_count_accelerate_or_srun_sets_is_seen(name, monkeypatch):
     """mpirun (`accelerate launch --cpu` with several processes) sets no WORLD_SIZE: its count must still make
     Accelerate run on the CPU with its processes, instead of each rank training alone."""
-    for other in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+    for other in LAUNCHER_SIZES:
         monkeypatch.delenv(other, raising=False)
     assert launched_processes() is None
     monkeypatch.setenv(name, "3")
