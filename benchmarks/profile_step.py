@@ -4,6 +4,7 @@ attention, loss, casts/copies, elementwise, optimizer, and what no operator acco
     .venv/bin/python benchmarks/profile_step.py                     # the demo's LoRA (r=16, all linear, cutoff 384)
     .venv/bin/python benchmarks/profile_step.py --recipe            # the alpaca-lora recipe's LoRA (r=8, q_proj,v_proj)
     .venv/bin/python benchmarks/profile_step.py --set fuse_projections=true   # a TrainConfig field, for a lever
+    .venv/bin/python benchmarks/profile_step.py --precision bf16    # under bf16 autocast, as training runs there
 
 The rows are the first micro-batch's worth of the demo data (alpaca_en_demo.json), rendered as training renders
 them; the step is one optimizer step (forward, backward, AdamW) timed after warm-up steps.
@@ -79,19 +80,21 @@ def build(args):
     use_packed_attention(base)
     adapter = methods.Adapter(cfg, 100, models.resolve_model_path(cfg.base_model), tok)
     model = adapter.attach(base)
-    apply_speedups(cfg, model, "cpu")
+    apply_speedups(cfg, model, "cpu", args.precision)
     model.train()
     optimizer = adapter.optimizer(model, 1e-4)
     step_batches = [samples[i:i + args.micro_batch_size] for i in range(0, len(samples), args.micro_batch_size)]
     return cfg, model, optimizer, step_batches, collate_packed
 
 
-def one_step(model, optimizer, step_batches, collate, beta=0.0):
+def one_step(model, optimizer, step_batches, collate, beta=0.0, precision="no"):
     from peftune.train.loss import accumulate_step
 
     import torch
 
-    loss, tokens = accumulate_step(model, step_batches, collate, lambda x: x.backward(), beta=beta)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    context = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else None
+    loss, tokens = accumulate_step(model, step_batches, collate, lambda x: x.backward(), context, beta=beta)
     with torch.profiler.record_function(OPTIMIZER):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -107,6 +110,8 @@ def main() -> None:
     p.add_argument("--micro_batch_size", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"),
+                   help="autocast dtype of the step (training's mixed_precision; bf16 is slow without AVX512-BF16)")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE: a TrainConfig field (a lever to try)")
     p.add_argument("--top", type=int, default=12, help="operators listed")
     args = p.parse_args()
@@ -115,16 +120,19 @@ def main() -> None:
 
     cfg, model, optimizer, step_batches, collate = build(args)
     tokens = sum(len(s["input_ids"]) for s in sum(step_batches, []))
+    warm = []  # the first steps' times: with torch_compile, they include compiling
     for _ in range(args.warmup):
-        one_step(model, optimizer, step_batches, collate)
+        start = time.perf_counter()
+        one_step(model, optimizer, step_batches, collate, precision=args.precision)
+        warm.append(time.perf_counter() - start)
     start = time.perf_counter()
     for _ in range(args.steps):
-        one_step(model, optimizer, step_batches, collate)
+        one_step(model, optimizer, step_batches, collate, precision=args.precision)
     plain = (time.perf_counter() - start) / args.steps
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
-            one_step(model, optimizer, step_batches, collate)
+            one_step(model, optimizer, step_batches, collate, precision=args.precision)
         wall = (time.perf_counter() - start) / args.steps
     split: dict[str, float] = {}
     for ev in prof.events():  # each operator's own time, by kind; everything under the optimizer step is "optimizer"
@@ -142,7 +150,9 @@ def main() -> None:
     split["Python/dispatch (no operator)"] = max(wall - sum(split.values()), 0.0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; LoRA r={cfg.lora_r} on "
           f"{','.join(cfg.lora_target_modules)}, {len(sum(step_batches, []))} rows in micro-batches of "
-          f"{args.micro_batch_size}, {tokens} tokens per step; settings: {' '.join(args.set) or 'defaults'}")
+          f"{args.micro_batch_size}, {tokens} tokens per step; precision {args.precision}; settings: "
+          f"{' '.join(args.set) or 'defaults'}")
+    print(f"warm-up steps: {', '.join(f'{w:.1f}' for w in warm)} s")
     print(f"step: {plain:.3f} s unprofiled ({tokens / plain:.0f} tokens/s), {wall:.3f} s profiled\n")
     print(f"{'where':<32}{'s/step':>8}{'share':>8}")
     for cat, sec in sorted(split.items(), key=lambda kv: -kv[1]):

@@ -99,6 +99,16 @@ def test_docs_are_generated_from_the_schema():
         assert fh.read() == markdown_docs(), "docs/config.md is stale: run `peftune docs`"
 
 
+def test_docs_help_writes_no_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["docs", "--help"]) == 0 and "peftune docs [FILE]" in capsys.readouterr().out
+    assert cli.main(["docs", "-o"]) == 2 and "one file name" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []  # no file named --help or -o
+    assert cli.main(["docs", "ref.md"]) == 0
+    with open(tmp_path / "ref.md", encoding="utf-8") as fh:
+        assert fh.read() == markdown_docs()
+
+
 def test_the_examples_are_valid_configs_and_their_documented_overrides_work():
     root = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
     for name in sorted(os.listdir(root)):

@@ -258,6 +258,13 @@ def cmd_docs(argv: list[str]) -> int:
     from .options import markdown_docs
     from .io import atomic_write_text
 
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: peftune docs [FILE]   write the config reference (every train setting, its default and its "
+              "meaning) as Markdown to FILE (default docs/config.md)")
+        return 0
+    if len(argv) > 1 or (argv and argv[0].startswith("-")):
+        print(f"error: peftune docs takes one file name, not {' '.join(argv)}", file=sys.stderr)
+        return 2
     target = argv[0] if argv else os.path.join("docs", "config.md")
     atomic_write_text(target, markdown_docs())
     print(f"wrote {target}")

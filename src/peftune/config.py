@@ -123,6 +123,13 @@ class TrainConfig:
     fuse_projections: bool = _f(False, "One matmul for each layer's frozen q/k/v projections and one for gate/up "
                                 "(concatenated weights, each LoRA branch on its slice): the same model up to float "
                                 "rounding (docs/speed.md). Adapter methods on an unquantized base.")
+    cast_weights_once: bool = _f(True, "When training in bf16 or fp16: the frozen base's linear weights and the output "
+                                 "head are cast once (kept beside the fp32 weights, half their size) instead of by "
+                                 "autocast on every forward; the same numbers, bit for bit (docs/speed.md). Not under "
+                                 "FSDP.")
+    torch_compile: bool = _f(False, "torch.compile each decoder layer (regional, dynamic shapes; per-sample attention "
+                             "and the dropout's bit draw stay eager): the same model up to float rounding; the first "
+                             "steps include the compile time (docs/speed.md). Not with fuse_projections or FSDP.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less memory, about a "
                                       "third slower.")
     num_processes: int = _f(1, "Train on this many processes of this machine (DDP through Accelerate, started with "
@@ -258,6 +265,10 @@ class TrainConfig:
             raise PeftuneError("replay_beta weighs a KL term on the replay rows: set replay too (e.g. --replay 0.25)")
         if not self.replay_ce and not self.replay_beta:
             raise PeftuneError("replay_ce: false trains the replay rows by the KL term alone: set replay_beta > 0 too")
+        if self.torch_compile and self.fuse_projections:
+            raise PeftuneError("torch_compile with fuse_projections is not supported (the fused projections keep "
+                               "their shared product in Python state between the q, k and v calls; untested under "
+                               "compile): choose one")
         if self.replay_max_tokens < 1:
             raise PeftuneError(f"replay_max_tokens: must be >= 1, got {self.replay_max_tokens}")
         if not 0 <= self.warmup_ratio < 1:

@@ -117,3 +117,19 @@ def test_gradient_checkpointing_gives_the_same_adapter(tiny_model_dir, data_file
                      *extra) == 0
     a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("plain", "gc"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_weights_cast_once_give_the_same_bf16_run(tiny_model_dir, data_file, tmp_path):
+    """bf16 autocast with the frozen weights cast once (the default) and by autocast on every forward: the same
+    losses and the same adapter, bit for bit."""
+    for name, setting in (("once", "true"), ("every", "false")):
+        assert train(tiny_model_dir, data_file, tmp_path / name, "--max_steps", "3", "--mixed_precision", "bf16",
+                     "--cast_weights_once", setting) == 0
+    a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("once", "every"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[(r["loss"], r.get("eval_loss")) for r in map(json.loads, open(tmp_path / n / "metrics.jsonl"))]
+              for n in ("once", "every")]
+    assert losses[0] == losses[1]
+    fp32 = load_file(tmp_path / "once" / "adapter_model.safetensors")
+    assert train(tiny_model_dir, data_file, tmp_path / "fp32", "--max_steps", "3", "--mixed_precision", "no") == 0
+    assert not all(torch.equal(load_file(tmp_path / "fp32" / "adapter_model.safetensors")[k], fp32[k]) for k in fp32)

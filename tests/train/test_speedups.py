@@ -1,5 +1,5 @@
 """Each switchable speed-up leaves the loss and the gradients equal: fused q/k/v and gate/up projections (float
-rounding only: the matmul's sums are blocked differently)."""
+rounding only: the matmul's sums are blocked differently), weights cast once for autocast (bit for bit)."""
 
 from __future__ import annotations
 
@@ -36,10 +36,12 @@ def _model(tiny_model_dir, targets, dropout=0.0):
     return model
 
 
-def _step(model, samples, collate, seed=1):
+def _step(model, samples, collate, seed=1, autocast=None, beta=0.0):
     torch.manual_seed(seed)
     model.zero_grad()
-    loss, tokens = accumulate_step(model, [samples[:2], samples[2:]], collate, lambda x: x.backward())
+    context = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast else None
+    loss, tokens = accumulate_step(model, [samples[:2], samples[2:]], collate, lambda x: x.backward(), context,
+                                   beta=beta)
     return loss / tokens, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -114,3 +116,109 @@ def test_use_fast_dropout_replaces_only_the_adapters_dropout(tiny_model_dir):
     assert use_fast_dropout(model) == 2 * layers
     assert sum(isinstance(m, FastDropout) for m in model.modules()) == 2 * layers
     assert use_fast_dropout(_model(tiny_model_dir, "all-linear", dropout=0.0)) == 0  # p = 0: nothing to draw
+
+
+def _weights_cast_once(model):
+    from peftune.train.cast_once import CastOnceLinear
+
+    return [m for m in model.modules() if isinstance(m, CastOnceLinear)]
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_cast_once_are_bit_exact_under_autocast(tiny_model_dir, tokenizer, targets, fused, dtype):
+    from peftune.train.cast_once import cast_weights_once
+    from peftune.train.dropout import use_fast_dropout
+
+    samples = _samples(tokenizer)
+    samples[1]["replay"] = True  # the KL term to the base (replay_beta) reads the base's weights and the head too
+    for collate in (batching.collate_packed, lambda c: batching.collate_padded(c, 0)):
+        model = _model(tiny_model_dir, targets, dropout=0.1)
+        use_fast_dropout(model)
+        if fused:
+            fuse_projections(model)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        loss, grads = _step(model, samples, collate, autocast=dtype, beta=0.5)
+        layers = model.get_base_model().config.num_hidden_layers
+        lora = 7 if targets == "all-linear" else 2
+        # every frozen linear layer (lora's base layers, untargeted projections, the head); fused: the q/k/v and
+        # gate/up groups count one each, beside o_proj and down_proj
+        expected = (4 if fused else 7) * layers + 1
+        assert cast_weights_once(model) == expected
+        assert sum(1 for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n) == lora * layers
+        after = model.state_dict()  # the same parameters under the same names; the tied head is still tied
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+        base = model.get_base_model()
+        assert base.lm_head.weight is base.model.embed_tokens.weight
+        assert all(m._weight_copy.copy is None for m in _weights_cast_once(model))  # made at first use only
+        cast_loss, cast_grads = _step(model, samples, collate, autocast=dtype, beta=0.5)
+        assert cast_loss == loss
+        for name, g in grads.items():
+            assert torch.equal(cast_grads[name], g), name
+        copies = [m._weight_copy.copy for m in _weights_cast_once(model)]
+        assert all(c is not None and c.dtype == dtype for c in copies)
+        assert all(c.data_ptr() == d.data_ptr() for c, d in  # cast once: a second step reuses the same copies
+                   zip(copies, [m._weight_copy.copy for m in _weights_cast_once(model)]))
+        _step(model, samples, collate, autocast=dtype, beta=0.5)
+        assert all(m._weight_copy.copy is c for m, c in zip(_weights_cast_once(model), copies))
+
+
+def test_weights_cast_once_change_nothing_outside_autocast(tiny_model_dir, tokenizer):
+    from peftune.train.cast_once import cast_weights_once
+
+    samples = _samples(tokenizer)
+    model = _model(tiny_model_dir, "all-linear", dropout=0.1)
+    loss, grads = _step(model, samples, batching.collate_packed)
+    cast_weights_once(model)
+    fp32_loss, fp32_grads = _step(model, samples, batching.collate_packed)  # fp32 training, or evaluation
+    assert fp32_loss == loss and all(torch.equal(fp32_grads[n], g) for n, g in grads.items())
+    assert all(m._weight_copy.copy is None for m in _weights_cast_once(model))  # no copy made in fp32
+
+
+def test_the_chunked_head_reads_the_cast_once_copy(tiny_model_dir):
+    """Many labelled tokens: the head's chunks are recomputed in the backward pass, with the same copy."""
+    from peftune.train.cast_once import CastOnceLinear
+    from peftune.train.loss import lm_loss_sum
+
+    head = AutoModelForCausalLM.from_pretrained(tiny_model_dir).lm_head.requires_grad_(False)
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 40, head.in_features)
+    targets = torch.randint(0, head.out_features, (3, 40))
+    targets[0, :5] = -100
+    results = []
+    for module in (head, CastOnceLinear(head)):
+        h = hidden.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm_loss_sum(h, module, targets, chunk=16)  # 8 chunks, each recomputed in backward
+        loss.backward()
+        results.append((loss.detach(), h.grad))
+    (plain_loss, plain_grad), (cast_loss, cast_grad) = results
+    assert torch.equal(plain_loss, cast_loss) and torch.equal(plain_grad, cast_grad)
+
+
+def test_trained_layers_are_not_cast_once(tiny_model_dir):
+    from peftune.train.cast_once import cast_weights_once
+
+    assert cast_weights_once(AutoModelForCausalLM.from_pretrained(tiny_model_dir)) == 0  # a full fine-tune
+
+
+@pytest.mark.parametrize("fast_dropout", [True, False])
+def test_compiled_layers_give_the_same_loss_and_gradients(tiny_model_dir, tokenizer, fast_dropout):
+    from peftune.train.compiled import compile_layers
+    from peftune.train.dropout import use_fast_dropout
+
+    samples = _samples(tokenizer)
+    eager, compiled = (_model(tiny_model_dir, "all-linear", dropout=0.1) for _ in range(2))
+    if fast_dropout:  # its bit draw runs eagerly; peft's nn.Dropout is traced, drawing with torch's own ops
+        use_fast_dropout(eager), use_fast_dropout(compiled)
+    keys = compiled.state_dict().keys()
+    assert compile_layers(compiled) == compiled.get_base_model().config.num_hidden_layers
+    assert compiled.state_dict().keys() == keys  # compiled in place: the same names
+    for collate in (batching.collate_packed, lambda c: batching.collate_padded(c, 0)):
+        for seed in (1, 2):  # the same seed draws the same dropout masks, compiled or not
+            loss, grads = _step(eager, samples, collate, seed=seed)
+            compiled_loss, compiled_grads = _step(compiled, samples, collate, seed=seed)
+            assert abs(compiled_loss - loss) <= 1e-5 * abs(loss)
+            for name, g in grads.items():
+                assert torch.allclose(compiled_grads[name], g, rtol=1e-4, atol=1e-6), name

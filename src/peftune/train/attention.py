@@ -16,6 +16,8 @@ import torch.nn.functional as F
 NAME = "peftune_packed_sdpa"
 
 
+# out of torch.compile's graph (compiled.py): the number of samples in a row changes from batch to batch
+@torch.compiler.disable
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

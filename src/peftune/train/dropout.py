@@ -28,6 +28,7 @@ class FastDropout(nn.Module):
     def extra_repr(self) -> str:
         return f"p={self.p} (drawn as {self.threshold}/{LEVELS})"
 
+    @torch.compiler.disable  # `random_` cannot be traced (compiled.py): drawn in eager mode, the same stream
     def keep_mask(self, shape: torch.Size, device) -> torch.Tensor:
         n = shape.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()

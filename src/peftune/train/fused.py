@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cast_once import autocast_dtype
+
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -28,11 +30,19 @@ class _Product:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]) -> None:
         self.weight, self.bias, self.sizes = weight, bias, sizes
         self.input, self.parts, self.unread = None, None, set()
+        self.low_precision = None  # a cast_once.LowPrecisionCopy once cast_weights_once has run
+
+    def matmul_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        dtype = autocast_dtype(x.device.type) if self.low_precision is not None else None
+        if dtype is None:
+            return self.weight, self.bias
+        # the bias (rare in these projections) is left to autocast's own cast
+        return self.low_precision.of(self.weight, dtype), self.bias
 
     def slice(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if self.input is not x or index not in self.unread:
             self.input, self.unread = x, set(range(len(self.sizes)))
-            self.parts = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+            self.parts = F.linear(x, *self.matmul_weights(x)).split(self.sizes, dim=-1)
         out = self.parts[index]
         self.unread.discard(index)
         if not self.unread:

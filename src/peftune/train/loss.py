@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..data.batching import trained_tokens
+from .cast_once import is_plain_linear, matmul_weight
 from ..methods import has_virtual_tokens
 from ..data.render import IGNORE
 
@@ -33,13 +34,14 @@ def lm_loss_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.T
     h, t = hidden[keep], targets[keep]
     if t.numel() == 0:
         return hidden.sum() * 0.0  # keeps the graph connected
-    if getattr(lm_head, "bias", None) is not None or type(lm_head) is not torch.nn.Linear:
+    if getattr(lm_head, "bias", None) is not None or not is_plain_linear(lm_head):
         # an adapted or biased head: call the module itself (no chunk recompute)
         return sum(F.cross_entropy(lm_head(h[i:i + chunk]).float(), t[i:i + chunk], reduction="sum")
                    for i in range(0, t.numel(), chunk))
+    weight = matmul_weight(lm_head)  # under autocast, a cast-once head's low-precision copy (cast_once.py)
     if t.numel() <= chunk:
-        return _chunk_loss(h, lm_head.weight, t)
-    return sum(checkpoint(_chunk_loss, h[i:i + chunk], lm_head.weight, t[i:i + chunk], use_reentrant=False)
+        return _chunk_loss(h, weight, t)
+    return sum(checkpoint(_chunk_loss, h[i:i + chunk], weight, t[i:i + chunk], use_reentrant=False)
                for i in range(0, t.numel(), chunk))
 
 
@@ -104,11 +106,11 @@ def kl_to_base_sum(model, batch: dict, hidden: torch.Tensor, chunk: int = CHUNK,
         base = final_hidden(model, base_batch)[base_batch["kl_mask"]]
     tuned = hidden[mask]
     head = causal_lm_parts(model)[1]
-    plain = getattr(head, "bias", None) is None and type(head) is torch.nn.Linear
+    plain = getattr(head, "bias", None) is None and is_plain_linear(head)
     total = tuned.sum() * 0.0
     for i in range(0, tuned.shape[0], chunk):
         if plain:
-            total = total + checkpoint(_chunk_kl, tuned[i:i + chunk], base[i:i + chunk], head.weight,
+            total = total + checkpoint(_chunk_kl, tuned[i:i + chunk], base[i:i + chunk], matmul_weight(head),
                                        use_reentrant=False)
         else:
             total = total + _chunk_kl(tuned[i:i + chunk], base[i:i + chunk], head)

@@ -34,6 +34,8 @@ from . import checkpoint, curves, faults, replay
 from .attention import use_packed_attention
 from .guards import StopRequest, finite, return_large_buffers_to_os
 from . import distributed, sharding
+from .cast_once import cast_weights_once
+from .compiled import compile_layers
 from .dropout import use_fast_dropout
 from .fused import fuse_projections
 from .loss import LossModel, accumulate_step, forward_loss_sum
@@ -163,13 +165,18 @@ def make_accelerator(cfg: TrainConfig):
     return precision, accelerator
 
 
-def apply_speedups(cfg: TrainConfig, model, device_type: str) -> None:
+def apply_speedups(cfg: TrainConfig, model, device_type: str, precision: str = "no", sharded: bool = False) -> None:
     """The switchable speed-ups on an attached model (after attach: PiSSA/OLoRA have moved the base weights by then);
-    benchmarks/profile_step.py applies them the same way."""
+    benchmarks/profile_step.py applies them the same way. `sharded`: FSDP will split the base's weights over the
+    processes (a whole low-precision copy on each would undo that)."""
     if cfg.fuse_projections and cfg.peft_method not in FULL_MODEL:
         fuse_projections(model)
     if cfg.fast_dropout and device_type == "cpu":
         use_fast_dropout(model)
+    if cfg.cast_weights_once and precision in ("bf16", "fp16") and not sharded:
+        cast_weights_once(model)
+    if cfg.torch_compile:
+        compile_layers(model)
 
 
 def training_rate(counters: dict) -> float:
@@ -272,7 +279,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     adapter = methods.Adapter(cfg, steps, models.resolve_model_path(cfg.base_model), tokenizer)
     model = adapter.attach(base)
-    apply_speedups(cfg, model, accelerator.device.type)
+    apply_speedups(cfg, model, accelerator.device.type, precision, sharded=bool(fsdp))
     adapters.set_base_reference(model, models.portable_ref(cfg.base_model))
     initial = adapters.trainable_state(model)
     trainable, total_params = adapters.count_parameters(model)
@@ -332,6 +339,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
                                                            if "tensorboard" in cfg.trackers() else ""))
     bar = progress(steps, initial=counters["step"], disable=not main)
     start = time.perf_counter() - counters["elapsed"]
+    first_step, elapsed_before = counters["step"], counters["elapsed"]
     stop = StopRequest()
     with stop.installed():
         for step in range(counters["step"], steps):
@@ -371,6 +379,9 @@ def train(cfg: TrainConfig, say=print) -> dict:
             counters["step"] = done
             counters["tokens"] += sum(len(s["input_ids"]) for mb in micro_batches for s in mb)
             counters["elapsed"] = time.perf_counter() - start
+            if main and cfg.torch_compile and step == first_step:  # counted in tokens/s like any other step
+                bar.write(f"torch_compile: the first step took {counters['elapsed'] - elapsed_before:.1f} s "
+                          "(compiling the decoder layers; later shapes may compile again)")
             faults.point("after_step", done)
             record = {"step": done, "epoch": round(done / per_epoch, 4),
                       "loss": counters["window_loss"] / max(counters["window_tokens"], 1),

@@ -57,6 +57,9 @@ def check_config(cfg, precision: str) -> None:
     if cfg.fuse_projections:
         raise PeftuneError("fuse_projections shares one weight between q/k/v (and gate/up), which FSDP cannot "
                            "shard: set fuse_projections: false")
+    if cfg.torch_compile:
+        raise PeftuneError("torch_compile under FSDP is not supported here (each compiled layer would also have to "
+                           "trace FSDP's gathers; untested): set torch_compile: false")
 
 
 def _layer_classes(model, plugin) -> tuple[type, ...]:
