@@ -5,6 +5,10 @@ attention, loss, casts/copies, elementwise, optimizer, and what no operator acco
     .venv/bin/python benchmarks/profile_step.py --recipe            # the alpaca-lora recipe's LoRA (r=8, q_proj,v_proj)
     .venv/bin/python benchmarks/profile_step.py --set fuse_projections=true   # a TrainConfig field, for a lever
     .venv/bin/python benchmarks/profile_step.py --precision bf16    # under bf16 autocast, as training runs there
+    python benchmarks/profile_step.py --device cuda --random_weights --model DIR --precision bf16   # on a GPU
+
+`--random_weights` builds the model from its config alone (same shapes and operators, so the same speed): for a
+machine the weights cannot be carried to. DIR is then a folder with config.json and the tokenizer's files.
 
 The rows are the first micro-batch's worth of the demo data (alpaca_en_demo.json), rendered as training renders
 them; the step is one optimizer step (forward, backward, AdamW) timed after warm-up steps.
@@ -76,24 +80,40 @@ def build(args):
     tok = models.load_tokenizer(cfg.base_model)
     renderer = Renderer(tok, get_template(cfg.prompt_template, tok), cfg.cutoff_len, cfg.train_on_inputs)
     samples = renderer.render_all(load_rows([args.data])[: args.rows], warn=lambda m: None)
-    base = models.load_model(cfg.base_model)
+    if args.random_weights:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(models.resolve_model_path(cfg.base_model))
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        base = models.load_model(cfg.base_model)
+    base.to(args.device)
     use_packed_attention(base)
     adapter = methods.Adapter(cfg, 100, models.resolve_model_path(cfg.base_model), tok)
     model = adapter.attach(base)
-    apply_speedups(cfg, model, "cpu", args.precision)
+    apply_speedups(cfg, model, args.device, args.precision)
     model.train()
     optimizer = adapter.optimizer(model, 1e-4)
     step_batches = [samples[i:i + args.micro_batch_size] for i in range(0, len(samples), args.micro_batch_size)]
-    return cfg, model, optimizer, step_batches, collate_packed
+    collate = lambda mb: {k: v.to(args.device) for k, v in collate_packed(mb).items()}  # noqa: E731
+    return cfg, model, optimizer, step_batches, collate
 
 
-def one_step(model, optimizer, step_batches, collate, beta=0.0, precision="no"):
+def sync(device: str) -> None:
+    """Waits for the device's queued kernels, so that a clock read after it counts them."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def one_step(model, optimizer, step_batches, collate, beta=0.0, precision="no", device="cpu"):
     from peftune.train.loss import accumulate_step
 
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    context = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else None
+    context = (lambda: torch.autocast(device, dtype=dtype)) if dtype else None
     loss, tokens = accumulate_step(model, step_batches, collate, lambda x: x.backward(), context, beta=beta)
     with torch.profiler.record_function(OPTIMIZER):
         optimizer.step()
@@ -112,6 +132,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"),
                    help="autocast dtype of the step (training's mixed_precision; bf16 is slow without AVX512-BF16)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--random_weights", action="store_true", help="the model's config with random weights")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE: a TrainConfig field (a lever to try)")
     p.add_argument("--top", type=int, default=12, help="operators listed")
     args = p.parse_args()
@@ -120,23 +142,47 @@ def main() -> None:
 
     cfg, model, optimizer, step_batches, collate = build(args)
     tokens = sum(len(s["input_ids"]) for s in sum(step_batches, []))
-    warm = []  # the first steps' times: with torch_compile, they include compiling
+    step = lambda: one_step(model, optimizer, step_batches, collate, precision=args.precision,  # noqa: E731
+                            device=args.device)
+    warm, losses = [], []  # the first steps' times: with torch_compile, they include compiling
     for _ in range(args.warmup):
         start = time.perf_counter()
-        one_step(model, optimizer, step_batches, collate, precision=args.precision)
+        losses.append(step())
+        sync(args.device)
         warm.append(time.perf_counter() - start)
     start = time.perf_counter()
     for _ in range(args.steps):
-        one_step(model, optimizer, step_batches, collate, precision=args.precision)
+        step()
+    sync(args.device)
     plain = (time.perf_counter() - start) / args.steps
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    gpu = args.device == "cuda"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; LoRA r={cfg.lora_r} on "
+          f"{','.join(cfg.lora_target_modules)}, {len(sum(step_batches, []))} rows in micro-batches of "
+          f"{args.micro_batch_size}, {tokens} tokens per step; precision {args.precision}; settings: "
+          f"{' '.join(args.set) or 'defaults'}")
+    print(f"warm-up steps: {', '.join(f'{w:.1f}' for w in warm)} s; their losses (a lever that changes no "
+          f"numbers leaves them as they are): {', '.join(f'{x:.6f}' for x in losses)}")
+    peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if gpu else ""
+    print(f"step: {plain:.3f} s unprofiled ({tokens / plain:.0f} tokens/s){peak}")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
-            one_step(model, optimizer, step_batches, collate, precision=args.precision)
+            step()
+        sync(args.device)
         wall = (time.perf_counter() - start) / args.steps
+    # each operator's own time, by kind: on a CPU its CPU time, on a GPU the time of the kernels it launched;
+    # everything under the optimizer step is "optimizer"
+    # (operators only: a kernel's own event would count its time twice)
+    from torch.autograd import DeviceType
+
+    def own(ev) -> float:
+        if ev.device_type != DeviceType.CPU:
+            return 0.0
+        return ev.self_device_time_total if gpu else ev.self_cpu_time_total
+
     split: dict[str, float] = {}
-    for ev in prof.events():  # each operator's own time, by kind; everything under the optimizer step is "optimizer"
-        if ev.self_cpu_time_total <= 0 or ev.name == OPTIMIZER:
+    for ev in prof.events():
+        if own(ev) <= 0 or ev.name == OPTIMIZER:
             continue
         parent, cat = ev.cpu_parent, None
         while parent is not None:
@@ -144,17 +190,13 @@ def main() -> None:
                 cat = "optimizer (AdamW step)"
             parent = parent.cpu_parent
         cat = cat or category(ev.name)
-        split[cat] = split.get(cat, 0.0) + ev.self_cpu_time_total / 1e6 / args.steps
-    ops = [(ev.self_cpu_time_total / 1e6 / args.steps, ev.count // args.steps, ev.key)
-           for ev in prof.key_averages() if ev.self_cpu_time_total > 0 and ev.key != OPTIMIZER]
-    split["Python/dispatch (no operator)"] = max(wall - sum(split.values()), 0.0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; LoRA r={cfg.lora_r} on "
-          f"{','.join(cfg.lora_target_modules)}, {len(sum(step_batches, []))} rows in micro-batches of "
-          f"{args.micro_batch_size}, {tokens} tokens per step; precision {args.precision}; settings: "
-          f"{' '.join(args.set) or 'defaults'}")
-    print(f"warm-up steps: {', '.join(f'{w:.1f}' for w in warm)} s")
-    print(f"step: {plain:.3f} s unprofiled ({tokens / plain:.0f} tokens/s), {wall:.3f} s profiled\n")
-    print(f"{'where':<32}{'s/step':>8}{'share':>8}")
+        split[cat] = split.get(cat, 0.0) + own(ev) / 1e6 / args.steps
+    ops = [(own(ev) / 1e6 / args.steps, ev.count // args.steps, ev.key)
+           for ev in prof.key_averages() if own(ev) > 0 and ev.key != OPTIMIZER]
+    idle = "GPU idle (launches, Python)" if gpu else "Python/dispatch (no operator)"
+    split[idle] = max(wall - sum(split.values()), 0.0)
+    print(f"profiled step: {wall:.3f} s\n")
+    print(f"{'where (GPU kernel time)' if gpu else 'where':<32}{'s/step':>8}{'share':>8}")
     for cat, sec in sorted(split.items(), key=lambda kv: -kv[1]):
         print(f"{cat:<32}{sec:>8.3f}{100 * sec / wall:>7.1f}%")
     print(f"\n{'top operators (self time)':<48}{'s/step':>8}{'calls':>7}")
