@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/speed.py            # 39 minutes for the three runs on a 2-core AVX2 CPU
     .venv/bin/python benchmarks/speed.py --train_rows 64 --val_rows 16   # a quicker look
+    .venv/bin/python benchmarks/speed.py --set torch_compile=true        # a TrainConfig field for peftune's arm
 
 Three runs: (1) the recipe's own settings (train_on_inputs true) and (2) peftune's default masking
 (train_on_inputs false), each with the recipe's LoRA (r=8, alpha=16, dropout 0.05 on q_proj,v_proj),
@@ -60,7 +61,7 @@ def peftune_arm(spec: dict) -> None:
                       lr_scheduler="linear", warmup_steps=spec["warmup_steps"], lora_r=spec["lora"]["r"],
                       lora_alpha=spec["lora"]["alpha"], lora_dropout=0.05,
                       lora_target_modules=spec["lora"]["targets"], seed=spec["seed"],
-                      logging_steps=1000)
+                      logging_steps=1000, **spec["settings"])
     out = recipe.train(cfg, say=lambda m: None)
     result = {"real_tokens": out["tokens"], "padded_tokens": out["tokens"], "train_time_s": out["train_time_s"],
               "precision": out["precision"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -110,7 +111,13 @@ def main() -> None:
     p.add_argument("--val_rows", type=int, default=48)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--runs", default="1,2,3", help="which runs, e.g. 3 for the demo's settings alone")
+    p.add_argument("--set", action="append", default=[],
+                   help="KEY=VALUE: a TrainConfig field for peftune's arm (a lever; its cost, e.g. compiling, counts)")
     args = p.parse_args()
+    settings = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        settings[key] = json.loads(value) if value[:1] in "[{0123456789-tf" else value
     if args.arm:
         with open(args.arm) as fh:
             peftune_arm(json.load(fh))
@@ -135,7 +142,8 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"matmul peak fp32 {peak['float32']:.0f} GFLOP/s, bf16 {peak['bfloat16']:.0f} GFLOP/s")
     print(f"model: {args.model} ({params / 1e6:.1f} M parameters); {args.train_rows} training rows, "
-          f"{args.val_rows} held-out rows of {os.path.basename(args.data)}\n")
+          f"{args.val_rows} held-out rows of {os.path.basename(args.data)}; peftune's settings: "
+          f"{' '.join(args.set) or 'defaults'}\n")
     header = f"{'run':<34}{'arm':<10}{'real tok/s':>11}{'padding':>9}{'peak RSS':>11}{'val loss':>10}"
     print(header)
     print("-" * len(header))
@@ -152,7 +160,7 @@ def main() -> None:
                     "cutoff_len": cutoff, "micro_batch_size": 4, "batch_size": batch, "learning_rate": 3e-4,
                     "warmup_steps": 2, "seed": 42, "train_on_inputs": train_on_inputs, "workdir": work,
                     "lora": lora, "run": run, "output_dir": os.path.join(work, f"out-{arm}-{run}"),
-                    "result": os.path.join(work, f"result-{arm}-{run}.json")}
+                    "result": os.path.join(work, f"result-{arm}-{run}.json"), "settings": settings}
             r = run_arm(arm, spec)
             r["tok_s"] = r["real_tokens"] / r["train_time_s"]
             r["padding"] = 1 - r["real_tokens"] / r["padded_tokens"]
