@@ -127,6 +127,10 @@ class TrainConfig:
                                  "head are cast once (kept beside the fp32 weights, half their size) instead of by "
                                  "autocast on every forward; the same numbers, bit for bit (docs/speed.md). Not under "
                                  "FSDP.")
+    packed_attention: str = _f("sdpa", "With packing, how each packed sample's causal attention is computed: `sdpa` "
+                               "(torch's scaled_dot_product_attention) or `matmul` (samples of up to 512 tokens as "
+                               "matmul, fp32 softmax, matmul: faster in bf16 on CPUs for short samples, other "
+                               "rounding; docs/speed.md).", choices=("sdpa", "matmul"))
     torch_compile: bool = _f(False, "torch.compile each decoder layer (regional, dynamic shapes; per-sample attention "
                              "and the dropout's bit draw stay eager): the same model up to float rounding; the first "
                              "steps include the compile time (docs/speed.md). Not with fuse_projections or FSDP.")

@@ -247,3 +247,35 @@ def test_compiled_layers_keep_the_weights_cast_once_under_bf16(tiny_model_dir, t
     assert abs(compiled_loss - loss) <= 2e-2 * abs(loss)
     for name, g in grads.items():
         assert torch.allclose(compiled_grads[name], g, rtol=0.1, atol=0.02 * g.abs().max().item()), name
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_matmul_attention_gives_the_loss_and_gradients_of_sdpa(tiny_model_dir, tokenizer, monkeypatch, autocast):
+    """packed_attention: matmul computes each short packed sample's attention as matmul, softmax, matmul: the loss
+    and gradients of SDPA up to rounding (fp32: 1e-5; bf16: bf16's); a sample longer than MATMUL_MAX_LEN takes SDPA."""
+    from peftune.train import attention
+
+    samples = _samples(tokenizer)
+    sdpa, matmul = (_model(tiny_model_dir, "all-linear") for _ in range(2))
+    assert use_packed_attention(matmul.get_base_model(), "matmul")
+    assert matmul.get_base_model().config._attn_implementation == attention.NAMES["matmul"]
+    calls = []
+    real = attention._matmul_attention
+    monkeypatch.setattr(attention, "_matmul_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    loss, grads = _step(sdpa, samples, batching.collate_packed, autocast=autocast)
+    matmul_loss, matmul_grads = _step(matmul, samples, batching.collate_packed, autocast=autocast)
+    layers = matmul.get_base_model().config.num_hidden_layers
+    assert len(calls) == 3 * layers  # every sample of both micro-batches, every layer (forward)
+    rtol = 1e-5 if autocast is None else 2e-2
+    assert abs(matmul_loss - loss) <= rtol * abs(loss)
+    for name, g in grads.items():
+        if autocast is None:
+            assert torch.allclose(matmul_grads[name], g, rtol=1e-4, atol=1e-6), name
+        else:
+            assert torch.allclose(matmul_grads[name], g, rtol=0.1, atol=0.02 * g.abs().max().item()), name
+    if autocast is None:  # beyond the length limit: SDPA itself, the same numbers to the bit
+        monkeypatch.setattr(attention, "MATMUL_MAX_LEN", 2)
+        calls.clear()
+        long_loss, long_grads = _step(matmul, samples, batching.collate_packed)
+        assert not calls and long_loss == loss
+        assert all(torch.equal(long_grads[n], g) for n, g in grads.items())

@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 
 NAME = "peftune_packed_sdpa"
+NAMES = {"sdpa": NAME, "matmul": "peftune_packed_matmul"}
 
 
 # out of torch.compile's graph (compiled.py): the number of samples in a row changes from batch to batch
 @torch.compiler.disable
-def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, kernel: str = "sdpa",
+                **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")
@@ -32,25 +34,61 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         starts = [0] + starts
     bounds = starts + [query.shape[2]]
     gqa = query.shape[1] != key.shape[1]
-    outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                           dropout_p=dropout if module.training else 0.0, scale=scaling,
-                                           enable_gqa=gqa)
-            for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    p = dropout if module.training else 0.0
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e <= s:
+            continue
+        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+        if kernel == "matmul" and not p and e - s <= MATMUL_MAX_LEN:
+            outs.append(_matmul_attention(q, k, v, scaling))
+        else:
+            outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=scaling,
+                                                       enable_gqa=gqa))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def register() -> str:
+# Samples up to this many tokens take the matmul path: its scores (heads x L x L, kept for backward) grow with the
+# square of the length, SDPA's do not.
+MATMUL_MAX_LEN = 512
+
+
+def _matmul_attention(q, k, v, scaling=None):
+    """Causal attention of one sample as matmul, softmax (fp32), matmul. Why by hand: on CPUs the flash-attention
+    kernel behind SDPA is slow for short samples in bf16 (docs/speed.md: 15-23 ms against 9-12 ms for one layer's
+    micro-batch of four ~170-token samples, forward and backward), while bf16 matmuls run near the peak. Grouped-query
+    attention without copying the keys: the query heads that share a key head are stacked along the rows."""
+    _, heads, length, dim = q.shape
+    groups = k.shape[1]
+    rows = q.reshape(groups, heads // groups * length, dim)
+    scores = torch.matmul(rows, k.reshape(groups, length, dim).transpose(1, 2))
+    scores = scores.float() * (dim ** -0.5 if scaling is None else scaling)
+    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+    scores = scores.view(groups, heads // groups, length, length).masked_fill(future, float("-inf"))
+    weights = scores.softmax(-1).to(v.dtype)  # bf16 under autocast, as SDPA's output would be
+    out = torch.matmul(weights.view(groups, heads // groups * length, length), v.reshape(groups, length, dim))
+    return out.view(1, heads, length, dim)
+
+
+def packed_matmul(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """packed_sdpa with short samples computed by _matmul_attention (`packed_attention: matmul`)."""
+    return packed_sdpa(module, query, key, value, attention_mask, dropout, scaling, kernel="matmul", **kwargs)
+
+
+def register(kernel: str = "sdpa") -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(NAME, packed_sdpa)
-    AttentionMaskInterface.register(NAME, sdpa_mask)  # the fallback path gets the usual SDPA mask
-    return NAME
+    name = NAMES[kernel]
+    AttentionInterface.register(name, packed_sdpa if kernel == "sdpa" else packed_matmul)
+    AttentionMaskInterface.register(name, sdpa_mask)  # the fallback path gets the usual SDPA mask
+    return name
 
 
-def use_packed_attention(model) -> bool:
-    """Switch a model whose attention is SDPA to the packed variant; returns whether it did."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+def use_packed_attention(model, kernel: str = "sdpa") -> bool:
+    """Switch a model whose attention is SDPA to the packed variant; returns whether it did. `kernel` "matmul":
+    samples of up to MATMUL_MAX_LEN tokens are computed by _matmul_attention (attention dropout: SDPA)."""
+    if getattr(model.config, "_attn_implementation", None) not in ("sdpa", *NAMES.values()):
         return False
-    model.set_attn_implementation(register())
+    model.set_attn_implementation(register(kernel))
     return True
