@@ -129,8 +129,8 @@ class TrainConfig:
                                  "FSDP.")
     packed_attention: str = _f("sdpa", "With packing, how each packed sample's causal attention is computed: `sdpa` "
                                "(torch's scaled_dot_product_attention) or `matmul` (samples of up to 512 tokens as "
-                               "matmul, fp32 softmax, matmul: faster in bf16 on CPUs for short samples, other "
-                               "rounding; docs/speed.md).", choices=("sdpa", "matmul"))
+                               "matmul, fp32 softmax, matmul: other rounding; 11-14 % off a profiled bf16 step on a "
+                               "CPU, no gain in benchmarks/speed.py; docs/speed.md).", choices=("sdpa", "matmul"))
     torch_compile: bool = _f(False, "torch.compile each decoder layer (regional, dynamic shapes; per-sample attention "
                              "and the dropout's bit draw stay eager): the same model up to float rounding; the first "
                              "steps include the compile time (docs/speed.md). Not with fuse_projections or FSDP.")
