@@ -49,6 +49,16 @@ def category(name: str) -> str:
     return "other ops"
 
 
+def parse_settings(items: list[str]) -> dict:
+    """`--set KEY=VALUE` items as TrainConfig fields: JSON for numbers, booleans and lists, else the string
+    (benchmarks/speed.py reads its `--set` the same way)."""
+    fields = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        fields[key] = json.loads(value) if value[:1] in "[{0123456789-tf" and value not in ("-",) else value
+    return fields
+
+
 def build(args):
     import torch
 
@@ -67,9 +77,7 @@ def build(args):
                       train_on_inputs=True)
     else:
         fields.update(lora_r=16, lora_alpha=32, lora_target_modules=["all-linear"], cutoff_len=384)
-    for item in args.set:
-        key, value = item.split("=", 1)
-        fields[key] = json.loads(value) if value[:1] in "[{0123456789-tf" and value not in ("-",) else value
+    fields.update(parse_settings(args.set))
     cfg = TrainConfig(**fields)
     cfg.validate()
     if cfg.release_memory:  # as recipe.train does on a CPU

@@ -114,10 +114,6 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[],
                    help="KEY=VALUE: a TrainConfig field for peftune's arm (a lever; its cost, e.g. compiling, counts)")
     args = p.parse_args()
-    settings = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        settings[key] = json.loads(value) if value[:1] in "[{0123456789-tf" else value
     if args.arm:
         with open(args.arm) as fh:
             peftune_arm(json.load(fh))
@@ -125,6 +121,10 @@ def main() -> None:
 
     sys.path.insert(0, os.path.join(ROOT, "src"))
     import torch
+
+    from profile_step import parse_settings  # this folder is on sys.path when the script runs
+
+    settings = parse_settings(args.set)
 
     from peftune import models
 
