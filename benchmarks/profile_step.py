@@ -96,7 +96,7 @@ def build(args):
     else:
         base = models.load_model(cfg.base_model)
     base.to(args.device)
-    use_packed_attention(base, cfg.packed_attention)
+    use_packed_attention(base, cfg.packed_attention, cfg.attention_fp32)
     adapter = methods.Adapter(cfg, 100, models.resolve_model_path(cfg.base_model), tok)
     model = adapter.attach(base)
     apply_speedups(cfg, model, args.device, args.precision)

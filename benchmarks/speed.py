@@ -54,14 +54,14 @@ def peftune_arm(spec: dict) -> None:
     from peftune.config import TrainConfig
     from peftune.train import recipe
 
-    cfg = TrainConfig(base_model=spec["model_dir"], data_path=[spec["data"]], output_dir=spec["output_dir"],
-                      overwrite_output_dir=True, prompt_template="alpaca", cutoff_len=spec["cutoff_len"],
-                      train_on_inputs=spec["train_on_inputs"], val_set_size=0, batch_size=spec["batch_size"],
-                      micro_batch_size=spec["micro_batch_size"], num_epochs=1, learning_rate=spec["learning_rate"],
-                      lr_scheduler="linear", warmup_steps=spec["warmup_steps"], lora_r=spec["lora"]["r"],
-                      lora_alpha=spec["lora"]["alpha"], lora_dropout=0.05,
-                      lora_target_modules=spec["lora"]["targets"], seed=spec["seed"],
-                      logging_steps=1000, **spec["settings"])
+    fields = dict(base_model=spec["model_dir"], data_path=[spec["data"]], output_dir=spec["output_dir"],
+                  overwrite_output_dir=True, prompt_template="alpaca", cutoff_len=spec["cutoff_len"],
+                  train_on_inputs=spec["train_on_inputs"], val_set_size=0, batch_size=spec["batch_size"],
+                  micro_batch_size=spec["micro_batch_size"], num_epochs=1, learning_rate=spec["learning_rate"],
+                  lr_scheduler="linear", warmup_steps=spec["warmup_steps"], lora_r=spec["lora"]["r"],
+                  lora_alpha=spec["lora"]["alpha"], lora_dropout=0.05, lora_target_modules=spec["lora"]["targets"],
+                  seed=spec["seed"], logging_steps=1000)
+    cfg = TrainConfig(**{**fields, **spec["settings"]})  # --set overrides these (e.g. logging_steps=1)
     out = recipe.train(cfg, say=lambda m: None)
     result = {"real_tokens": out["tokens"], "padded_tokens": out["tokens"], "train_time_s": out["train_time_s"],
               "precision": out["precision"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

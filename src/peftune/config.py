@@ -131,6 +131,10 @@ class TrainConfig:
                                "(torch's scaled_dot_product_attention) or `matmul` (samples of up to 512 tokens as "
                                "matmul, fp32 softmax, matmul: other rounding; 11-14 % off a profiled bf16 step on a "
                                "CPU, no gain in benchmarks/speed.py; docs/speed.md).", choices=("sdpa", "matmul"))
+    attention_fp32: bool = _f(True, "On CPUs, when training in bf16 or fp16 with packing: each packed sample's "
+                              "attention is computed in fp32 (torch's CPU attention backward is slower in bf16; the "
+                              "queries and keys are fp32 already after the rotary embedding): more precise, other "
+                              "rounding than the bf16 kernel (docs/speed.md). No effect on GPUs.")
     torch_compile: bool = _f(False, "torch.compile each decoder layer (regional, dynamic shapes; per-sample attention "
                              "and the dropout's bit draw stay eager): the same model up to float rounding; the first "
                              "steps include the compile time (docs/speed.md). Not with fuse_projections or FSDP.")

@@ -232,3 +232,7 @@ def test_a_setting_added_later_at_its_default_does_not_block_a_resume():
     ckpt.compare_fingerprints(saved, {**saved, "fast_dropout": False}, "step-5")
     with pytest.raises(PeftuneError, match="fast_dropout: False then, True now"):
         ckpt.compare_fingerprints(saved, {**saved, "fast_dropout": True}, "step-5")
+    # attention_fp32 likewise: older bf16 runs on CPUs computed attention in bf16
+    ckpt.compare_fingerprints(saved, {**saved, "attention_fp32": False}, "step-5")
+    with pytest.raises(PeftuneError, match="attention_fp32: False then, True now"):
+        ckpt.compare_fingerprints(saved, {**saved, "attention_fp32": True}, "step-5")

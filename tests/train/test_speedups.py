@@ -279,3 +279,33 @@ def test_matmul_attention_gives_the_loss_and_gradients_of_sdpa(tiny_model_dir, t
         long_loss, long_grads = _step(matmul, samples, batching.collate_packed)
         assert not calls and long_loss == loss
         assert all(torch.equal(long_grads[n], g) for n, g in grads.items())
+
+
+def test_attention_fp32_computes_packed_attention_in_fp32_under_autocast(tiny_model_dir, tokenizer, monkeypatch):
+    """attention_fp32: under bf16 autocast on a CPU, every packed sample's attention gets fp32 queries, keys and
+    values (bf16 without it); the loss and gradients are the bf16 kernel's up to bf16 rounding, and not the same
+    numbers (the switch is in effect); outside autocast nothing changes, bit for bit."""
+    from peftune.train import attention
+
+    samples = _samples(tokenizer)
+    plain, fp32 = (_model(tiny_model_dir, "all-linear") for _ in range(2))
+    assert use_packed_attention(fp32.get_base_model(), "sdpa", fp32=True)
+    assert fp32.get_base_model().config._attn_implementation == attention.NAME + attention.FP32
+    dtypes = []
+    real = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: dtypes.append((torch.is_autocast_enabled("cpu"), q.dtype, k.dtype,
+                                                             v.dtype)) or real(q, k, v, **kw))
+    layers = fp32.get_base_model().config.num_hidden_layers
+    loss, grads = _step(plain, samples, batching.collate_packed, autocast=torch.bfloat16)
+    # autocast casts them to bf16 inside the operator (the values come from the bf16 projection)
+    assert len(dtypes) == 3 * layers and all(d[0] and d[3] == torch.bfloat16 for d in dtypes)
+    dtypes.clear()
+    fp32_loss, fp32_grads = _step(fp32, samples, batching.collate_packed, autocast=torch.bfloat16)
+    assert len(dtypes) == 3 * layers and all(d == (False, *(torch.float32,) * 3) for d in dtypes)
+    assert fp32_loss != loss and abs(fp32_loss - loss) <= 2e-2 * abs(loss)
+    for name, g in grads.items():
+        assert torch.allclose(fp32_grads[name], g, rtol=0.1, atol=0.02 * g.abs().max().item()), name
+    # fp32 training: the switch changes nothing
+    (loss, grads), (fp32_loss, fp32_grads) = (_step(m, samples, batching.collate_packed) for m in (plain, fp32))
+    assert fp32_loss == loss and all(torch.equal(fp32_grads[n], g) for n, g in grads.items())

@@ -165,7 +165,8 @@ LEGACY_KEYS = ("num_epochs", "max_steps")  # in fingerprints before runs could b
 
 
 # settings added later whose default is not what runs did before they existed
-BEFORE_THE_KEY = {"fast_dropout": False}  # checkpoints from before drew dropout masks with nn.Dropout
+# checkpoints from before drew dropout masks with nn.Dropout, and computed bf16/fp16 attention in that dtype
+BEFORE_THE_KEY = {"fast_dropout": False, "attention_fp32": False}
 
 
 def _then(saved: dict, key: str):

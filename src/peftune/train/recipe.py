@@ -93,7 +93,7 @@ TRAJECTORY_KEYS = ("base_model", "prompt_template", "system_prompt", "cutoff_len
                    "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "group_by_length", "packing",
                    "mixed_precision", "seed", "nan_policy", "peft_method", "load_in_4bit", "load_in_8bit", "replay",
                    "replay_data", "replay_max_tokens", "replay_beta", "replay_ce", "fuse_projections", "fast_dropout",
-                   "torch_compile", "packed_attention",
+                   "torch_compile", "packed_attention", "attention_fp32",
                    *(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("methods")))
 
 
@@ -275,7 +275,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
                              load_in_8bit=cfg.load_in_8bit)
     base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     if packing:
-        use_packed_attention(base, cfg.packed_attention)
+        use_packed_attention(base, cfg.packed_attention, cfg.attention_fp32)
     if cfg.gradient_checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     adapter = methods.Adapter(cfg, steps, models.resolve_model_path(cfg.base_model), tokenizer)
