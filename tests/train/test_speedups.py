@@ -283,7 +283,7 @@ def test_matmul_attention_gives_the_loss_and_gradients_of_sdpa(tiny_model_dir, t
 
 def test_attention_fp32_computes_packed_attention_in_fp32_under_autocast(tiny_model_dir, tokenizer, monkeypatch):
     """attention_fp32: under bf16 autocast on a CPU, every packed sample's attention gets fp32 queries, keys and
-    values (bf16 without it); the loss and gradients are the bf16 kernel's up to bf16 rounding, and not the same
+    values (without it autocast casts them to bf16 inside the operator); the loss and gradients are the bf16 kernel's up to bf16 rounding, and not the same
     numbers (the switch is in effect); outside autocast nothing changes, bit for bit."""
     from peftune.train import attention
 

@@ -11,11 +11,10 @@ that is not a packed row (padded batches, generation with a cache).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
-
-import functools
 
 NAME = "peftune_packed_sdpa"
 NAMES = {"sdpa": NAME, "matmul": "peftune_packed_matmul"}
