@@ -78,7 +78,7 @@ def _matmul_attention(q, k, v, scaling=None):
     scores = scores.float() * (dim ** -0.5 if scaling is None else scaling)
     future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
     scores = scores.view(groups, heads // groups, length, length).masked_fill(future, float("-inf"))
-    weights = scores.softmax(-1).to(v.dtype)  # v's dtype: bf16 under autocast as SDPA's output would be (fp32 with attention_fp32)
+    weights = scores.softmax(-1).to(v.dtype)  # v's: bf16 under autocast, as SDPA's output (fp32 with attention_fp32)
     out = torch.matmul(weights.view(groups, heads // groups * length, length), v.reshape(groups, length, dim))
     return out.view(1, heads, length, dim)
 
