@@ -69,6 +69,7 @@ def build(args):
     from peftune.data.sources import load_rows
     from peftune import methods
     from peftune.train.attention import use_packed_attention
+    from peftune.train.loss import LossModel
     from peftune.train.recipe import apply_speedups
 
     fields = dict(base_model=args.model, data_path=[args.data], prompt_template="alpaca", lora_dropout=0.05)
@@ -104,7 +105,7 @@ def build(args):
     optimizer = adapter.optimizer(model, 1e-4)
     step_batches = [samples[i:i + args.micro_batch_size] for i in range(0, len(samples), args.micro_batch_size)]
     collate = lambda mb: {k: v.to(args.device) for k, v in collate_packed(mb).items()}  # noqa: E731
-    return cfg, model, optimizer, step_batches, collate
+    return cfg, LossModel(model, fused_loss=cfg.fused_loss), optimizer, step_batches, collate
 
 
 def sync(device: str) -> None:

@@ -135,6 +135,13 @@ class TrainConfig:
                               "attention is computed in fp32 (torch's CPU attention backward is slower in bf16; the "
                               "queries and keys are fp32 already after the rotary embedding): more precise, other "
                               "rounding than the bf16 kernel (docs/speed.md). No effect on GPUs.")
+    fused_loss: bool = _f(True, "The output head's cross-entropy and its gradient computed together in the forward "
+                          "pass, block by block (no logits kept or recomputed for the backward pass): the same loss, "
+                          "other rounding of the gradient under bf16/fp16 (docs/speed.md). false = autograd's.")
+    fused_lora: bool = _f(True, "Each plain LoRA linear layer's forward and backward as one autograd function (the "
+                          "base matmul, the adapter's two, the dropout mask folded into the scaling): fewer casts and "
+                          "elementwise passes; the same model, other rounding under bf16/fp16 (docs/speed.md). Not with "
+                          "torch_compile or FSDP.")
     torch_compile: bool = _f(False, "torch.compile each decoder layer (regional, dynamic shapes; per-sample attention "
                              "and the dropout's bit draw stay eager): the same model up to float rounding; the first "
                              "steps include the compile time (docs/speed.md). Not with fuse_projections or FSDP.")

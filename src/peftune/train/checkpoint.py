@@ -165,8 +165,10 @@ LEGACY_KEYS = ("num_epochs", "max_steps")  # in fingerprints before runs could b
 
 
 # settings added later whose default is not what runs did before they existed
-# checkpoints from before drew dropout masks with nn.Dropout, and computed bf16/fp16 attention in that dtype
-BEFORE_THE_KEY = {"fast_dropout": False, "attention_fp32": False}
+# checkpoints from before drew dropout masks with nn.Dropout, computed bf16/fp16 attention in that dtype, and the
+# head's loss and the LoRA layers through autograd
+BEFORE_THE_KEY = {"fast_dropout": False, "attention_fp32": False, "fused_loss": False,
+                  "fused_lora": False}
 
 
 def _then(saved: dict, key: str):

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..data.batching import trained_tokens
-from .cast_once import is_plain_linear, matmul_weight
+from .cast_once import autocast_dtype, is_plain_linear, matmul_weight
 from ..methods import has_virtual_tokens
 from ..data.render import IGNORE
 
 CHUNK = 1024  # tokens of logits alive at once (about 200 MB of fp32 logits for a 49k vocabulary)
+FUSED_CHUNK = 256  # the fused loss's block: [256 x 49,152] fp32 logits, 50 MB (fastest of 32-1024 on a 2-core CPU)
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -27,9 +28,46 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """The summed cross-entropy of the logits `hidden @ weight.T` against `targets`, for a frozen `weight`, with the
+    gradient for `hidden` computed in the forward pass block by block (softmax minus one-hot, times the weight): no
+    logits are kept for the backward pass and none are recomputed there, which only scales the stored gradient
+    ([tokens x d], fp32). Per block: one matmul, the cast to fp32, one log-softmax, one exp in place, the cast back
+    and the matmul of the gradient; the autograd path (checkpointed `_chunk_loss`) also runs the negative
+    log-likelihood's backward (a zero-filled [tokens x vocabulary] tensor and a scatter), the log-softmax's backward,
+    and, past CHUNK tokens, the head's matmul and log-softmax a second time.
+
+    The same arithmetic as autograd's except where the step's scale (1 / the step's tokens) enters: autograd
+    multiplies it into the fp32 softmax before rounding to the matmul dtype, this function multiplies the product
+    after (other bf16 rounding of the gradient; in fp32 equal up to float rounding, tested). Why by hand: torch has
+    no fused linear cross-entropy, and Liger-Kernel's and Unsloth's are Triton kernels for GPUs."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        with torch.autocast(hidden.device.type, enabled=False):  # `weight` is already in the matmul dtype
+            h = hidden.to(weight.dtype)
+            grad = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for i in range(0, targets.numel(), chunk):
+                t = targets[i:i + chunk, None]
+                log_probs = torch.log_softmax(F.linear(h[i:i + chunk], weight).float(), -1)
+                total -= log_probs.gather(1, t).sum()
+                probs = log_probs.exp_()
+                probs.scatter_add_(1, t, torch.full(t.shape, -1.0, device=t.device))  # softmax - one-hot
+                grad[i:i + chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None, None
+
+
 def lm_loss_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor,
-                chunk: int = CHUNK) -> torch.Tensor:
-    """Sum of token cross-entropies where targets != IGNORE. hidden: [..., d]; targets: [...]."""
+                chunk: int = CHUNK, fused: bool = True) -> torch.Tensor:
+    """Sum of token cross-entropies where targets != IGNORE. hidden: [..., d]; targets: [...]. `fused`: a frozen
+    plain head's loss and gradient are computed together by LinearCrossEntropy (chunks of min(chunk, FUSED_CHUNK))."""
     keep = targets != IGNORE
     h, t = hidden[keep], targets[keep]
     if t.numel() == 0:
@@ -39,6 +77,9 @@ def lm_loss_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.T
         return sum(F.cross_entropy(lm_head(h[i:i + chunk]).float(), t[i:i + chunk], reduction="sum")
                    for i in range(0, t.numel(), chunk))
     weight = matmul_weight(lm_head)  # under autocast, a cast-once head's low-precision copy (cast_once.py)
+    if fused and h.requires_grad and torch.is_grad_enabled() and not weight.requires_grad:
+        dtype = autocast_dtype(h.device.type)  # a head that is not cast once: autocast's cast, once per call
+        return LinearCrossEntropy.apply(h, weight if dtype is None else weight.to(dtype), t, min(chunk, FUSED_CHUNK))
     if t.numel() <= chunk:
         return _chunk_loss(h, weight, t)
     return sum(checkpoint(_chunk_loss, h[i:i + chunk], weight, t[i:i + chunk], use_reentrant=False)
@@ -55,9 +96,9 @@ def causal_lm_parts(model):
     return inner.get_decoder(), inner.get_output_embeddings()
 
 
-def forward_loss_sum(model, batch: dict) -> torch.Tensor:
+def forward_loss_sum(model, batch: dict, fused: bool = True) -> torch.Tensor:
     """Runs the body without the full logits, then the chunked loss on labelled positions."""
-    return lm_loss_sum(final_hidden(model, batch), causal_lm_parts(model)[1], batch["targets"])
+    return lm_loss_sum(final_hidden(model, batch), causal_lm_parts(model)[1], batch["targets"], fused=fused)
 
 
 def final_hidden(model, batch: dict) -> torch.Tensor:
@@ -123,12 +164,13 @@ class LossModel(torch.nn.Module):
     wraps this module instead: the wrapper then sees the forward whose backward it synchronises. `module` is the
     model (the attribute the unwrapping helpers above look for). Returns (objective, cross-entropy sum, replay tokens
     left out of the reported loss). `lockstep`: every call runs the same sequence of layer forwards whatever the
-    batch holds (FSDP)."""
+    batch holds (FSDP). `fused_loss`: the head's cross-entropy through LinearCrossEntropy (lm_loss_sum)."""
 
-    def __init__(self, module: torch.nn.Module, lockstep: bool = False) -> None:
+    def __init__(self, module: torch.nn.Module, lockstep: bool = False, fused_loss: bool = True) -> None:
         super().__init__()
         self.module = module
         self.lockstep = lockstep
+        self.fused_loss = fused_loss
 
     def forward(self, batch: dict, beta: float = 0.0, replay_ce: bool = True, base_batch: dict | None = None):
         model = self.module
@@ -144,9 +186,9 @@ class LossModel(torch.nn.Module):
             if not replay_ce:
                 targets = targets.masked_fill(batch["kl_mask"], IGNORE)
                 excluded = int(batch["kl_mask"].sum())
-            loss_sum = lm_loss_sum(hidden, causal_lm_parts(model)[1], targets)
+            loss_sum = lm_loss_sum(hidden, causal_lm_parts(model)[1], targets, fused=self.fused_loss)
             return loss_sum + beta * kl_to_base_sum(model, batch, hidden, base_batch=base_batch), loss_sum, excluded
-        loss_sum = forward_loss_sum(model, batch)
+        loss_sum = forward_loss_sum(model, batch, fused=self.fused_loss)
         return loss_sum, loss_sum, 0
 
 

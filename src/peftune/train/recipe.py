@@ -38,6 +38,7 @@ from .cast_once import cast_weights_once
 from .compiled import compile_layers
 from .dropout import use_fast_dropout
 from .fused import fuse_projections
+from .lora_fused import use_fused_lora
 from .loss import LossModel, accumulate_step, forward_loss_sum
 from .metrics import MetricsLog, progress
 
@@ -93,7 +94,7 @@ TRAJECTORY_KEYS = ("base_model", "prompt_template", "system_prompt", "cutoff_len
                    "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "group_by_length", "packing",
                    "mixed_precision", "seed", "nan_policy", "peft_method", "load_in_4bit", "load_in_8bit", "replay",
                    "replay_data", "replay_max_tokens", "replay_beta", "replay_ce", "fuse_projections", "fast_dropout",
-                   "torch_compile", "packed_attention", "attention_fp32",
+                   "torch_compile", "packed_attention", "attention_fp32", "fused_loss", "fused_lora",
                    *(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("methods")))
 
 
@@ -176,6 +177,8 @@ def apply_speedups(cfg: TrainConfig, model, device_type: str, precision: str = "
         use_fast_dropout(model)
     if cfg.cast_weights_once and precision in ("bf16", "fp16") and not sharded:
         cast_weights_once(model)
+    if cfg.fused_lora and not cfg.torch_compile and not sharded:  # compiled layers fuse by themselves
+        use_fused_lora(model)
     if cfg.torch_compile:
         compile_layers(model)
 
@@ -295,14 +298,14 @@ def train(cfg: TrainConfig, say=print) -> dict:
     # the wrapper (DDP under several processes, or FSDP's sharding) goes around the loss's forward; `model` stays
     # the model itself
     if fsdp:
-        layers, mine, whole = sharding.shard(loss_model := LossModel(model, lockstep=True), fsdp,
-                                             accelerator.device)
+        loss_model = LossModel(model, lockstep=True, fused_loss=cfg.fused_loss)
+        layers, mine, whole = sharding.shard(loss_model, fsdp, accelerator.device)
         say(f"FSDP: the frozen base sharded over {world} processes ({layers} layers, and the rest at the root): this "
             f"process holds {adapters.human_bytes(mine)} of its {adapters.human_bytes(whole)}; the adapter is whole "
             "on each")
         no_sync = lambda last: contextlib.nullcontext()  # noqa: E731
     else:
-        loss_model, optimizer = accelerator.prepare(LossModel(model), optimizer)
+        loss_model, optimizer = accelerator.prepare(LossModel(model, fused_loss=cfg.fused_loss), optimizer)
         no_sync = lambda last: contextlib.nullcontext() if last else accelerator.no_sync(loss_model)  # noqa: E731
     model.train()
     if packing:
