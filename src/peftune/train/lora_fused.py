@@ -8,7 +8,7 @@ a multiplication by the scaling and an addition, each recorded by autograd; the 
 with the casts' gradients and two more additions. Here one function computes, with `s` = scaling / (1 - p) and the
 input `x` cast once to the matmul dtype:
 
-    forward:  a = (x * keep) @ A.T                    out = x @ W.T (+ bias) + s * (a @ B.T)     (two addmm)
+    forward:  a = (x * keep) @ A.T                    out = x @ W.T (+ bias) + s * (a @ B.T)   (one addmm_)
     backward: dB = s * g.T @ a    da = s * g @ B    dA = da.T @ (x * keep)    dx = g @ W + (da @ A) * keep
 
 The dropout's 1 / (1 - p) moves from the input into the scaling (exact in real arithmetic; the mask itself, 0 or 1,
@@ -44,8 +44,7 @@ class _LoraLinear(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])
         dropped = rows if keep is None else rows * keep.reshape(rows.shape)
         a = dropped @ lora_a.t()
-        out = F.linear(rows, weight, bias)
-        out = torch.addmm(out, a, lora_b.t(), alpha=scale)
+        out = F.linear(rows, weight, bias).addmm_(a, lora_b.t(), alpha=scale)  # in place: addmm would copy out
         ctx.save_for_backward(weight, lora_a, lora_b, dropped, a, keep)
         ctx.scale, ctx.shapes = scale, (x.shape, x.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -63,7 +62,7 @@ class _LoraLinear(torch.autograd.Function):
             lora_part = da @ lora_a
             if keep is not None:
                 lora_part.mul_(keep.reshape(lora_part.shape))
-            grad_x = torch.addmm(lora_part, g, weight).view(shape).to(dtype)
+            grad_x = lora_part.addmm_(g, weight).view(shape).to(dtype)
         return grad_x, None, None, grad_a, grad_b, None, None
 
 

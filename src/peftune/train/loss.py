@@ -28,6 +28,25 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+_BLOCKS: dict = {}
+
+
+def _blocks(rows: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LinearCrossEntropy's [rows x vocabulary] buffers (logits in the matmul dtype, two fp32), kept from call to call:
+    allocated afresh for every block they cost more than the arithmetic on them (release_memory's 1 MB mmap threshold
+    hands each large buffer back to the OS, so every new one is page-faulted in: profiled, 32 ms to cast one block of
+    256 x 49,152 logits to fp32 into a new tensor). One set is kept (about 125 MB for a 49k vocabulary), the largest
+    asked for on that device and dtype."""
+    key = (weight.device, weight.dtype, weight.shape[0])
+    kept = _BLOCKS.get(key)
+    if kept is None or kept[0].shape[0] < rows:
+        _BLOCKS.clear()
+        shape = (rows, weight.shape[0])
+        kept = _BLOCKS[key] = (torch.empty(shape, dtype=weight.dtype, device=weight.device),
+                               torch.empty(shape, device=weight.device), torch.empty(shape, device=weight.device))
+    return kept
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """The summed cross-entropy of the logits `hidden @ weight.T` against `targets`, for a frozen `weight`, with the
     gradient for `hidden` computed in the forward pass block by block (softmax minus one-hot, times the weight): no
@@ -48,13 +67,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             h = hidden.to(weight.dtype)
             grad = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            logits_block, fp32_block, log_probs_block = _blocks(min(chunk, targets.numel()), weight)
             for i in range(0, targets.numel(), chunk):
                 t = targets[i:i + chunk, None]
-                log_probs = torch.log_softmax(F.linear(h[i:i + chunk], weight).float(), -1)
+                n = t.shape[0]
+                logits = torch.mm(h[i:i + n], weight.t(), out=logits_block[:n])
+                log_probs = torch.log_softmax(fp32_block[:n].copy_(logits), -1, out=log_probs_block[:n])
                 total -= log_probs.gather(1, t).sum()
-                probs = log_probs.exp_()
+                probs = torch.exp(log_probs, out=fp32_block[:n])
                 probs.scatter_add_(1, t, torch.full(t.shape, -1.0, device=t.device))  # softmax - one-hot
-                grad[i:i + chunk] = probs.to(weight.dtype) @ weight
+                grad[i:i + n] = logits.copy_(probs) @ weight
         ctx.save_for_backward(grad)
         return total
 
