@@ -1,7 +1,9 @@
 """Cross-entropy over labelled positions only, in chunks.
 
-Logits are computed only for positions that carry a target, chunk by chunk, and each chunk is recomputed in
-the backward pass (activation checkpointing), so no [tokens x vocabulary] fp32 tensor is ever built. The sum
+Logits are computed only for positions that carry a target, block by block: with a frozen head (every adapter
+method) LinearCrossEntropy computes each block's loss and gradient together in the forward pass (`fused_loss`);
+otherwise each chunk is recomputed in the backward pass (activation checkpointing). Either way no [tokens x
+vocabulary] fp32 tensor of the whole micro-batch is built. The sum
 (not the mean) is returned: the caller divides by the trained tokens of the whole optimizer step, so gradient
 accumulation weights every token equally (the 2024 transformers accumulation bug averaged per micro-batch).
 """
