@@ -62,6 +62,19 @@ def test_fused_loss_under_bf16_is_as_close_to_fp32_as_autograds():
     assert (fused_grad - exact).norm() <= 1.5 * (grad - exact).norm()
 
 
+def test_fused_loss_keeps_one_set_of_buffers_until_released():
+    from peftune.train import loss
+
+    hidden, head, targets = _head_case(n=600)
+    _head_loss(hidden, head, targets, fused=True)
+    kept = list(loss._BLOCKS.values())
+    assert len(kept) == 1 and kept[0][0].shape == (256, 97)  # blocks of FUSED_CHUNK rows
+    _head_loss(hidden[:, :50], head, targets[:, :50], fused=True)  # fewer tokens: the same buffers serve
+    assert list(loss._BLOCKS.values())[0][0] is kept[0][0]
+    loss.release_blocks()
+    assert not loss._BLOCKS
+
+
 def test_fused_loss_is_not_used_without_gradients_or_for_a_trained_head(monkeypatch):
     hidden, head, targets = _head_case()
     calls = []
@@ -177,4 +190,13 @@ def test_fused_lora_leaves_other_cases_to_peft(tiny_model_dir, tokenizer, monkey
         layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
     use_fused_lora(plain_dropout)
     _step(plain_dropout, samples)
+    assert not calls
+
+    torch.manual_seed(0)  # a bf16 base with peft's fp32 adapters, no autocast: peft's forward (its dtype handling)
+    half = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16),
+                          LoraConfig(r=4, target_modules="all-linear"))
+    assert half.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    use_fused_lora(half)
+    with torch.no_grad():
+        assert half(**kwargs).logits.dtype == torch.bfloat16
     assert not calls

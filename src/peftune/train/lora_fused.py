@@ -101,6 +101,8 @@ class FusedLoraLinear(LoraLinear):
         dtype = autocast_dtype(x.device.type)
         weight, bias = _frozen_weight(self.base_layer, dtype)
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        if dtype is None and weight.dtype != lora_a.dtype:  # e.g. a bf16 base with fp32 adapters, no autocast
+            return super().forward(x)
         dtype = dtype or lora_a.dtype
         drop = self.lora_dropout[name]
         keep, scale = None, self.scaling[name]

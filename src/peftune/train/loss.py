@@ -49,6 +49,11 @@ def _blocks(rows: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return kept
 
 
+def release_blocks() -> None:
+    """Frees LinearCrossEntropy's kept buffers (after training)."""
+    _BLOCKS.clear()
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """The summed cross-entropy of the logits `hidden @ weight.T` against `targets`, for a frozen `weight`, with the
     gradient for `hidden` computed in the forward pass block by block (softmax minus one-hot, times the weight): no

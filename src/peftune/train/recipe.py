@@ -39,7 +39,7 @@ from .compiled import compile_layers
 from .dropout import use_fast_dropout
 from .fused import fuse_projections
 from .lora_fused import use_fused_lora
-from .loss import LossModel, accumulate_step, forward_loss_sum
+from .loss import LossModel, accumulate_step, forward_loss_sum, release_blocks
 from .metrics import MetricsLog, progress
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "runs", "mlruns", "wandb", "checkpoints", "initial-adapter",
@@ -416,6 +416,7 @@ def train(cfg: TrainConfig, say=print) -> dict:
                 raise TrainingInterrupted(f"stopped by signal {stop.signum} after step {done}; checkpoint written",
                                           stop.exit_code)
     bar.close()
+    release_blocks()  # the fused loss's buffers
     train_time = time.perf_counter() - start
     tokens, eval_loss = counters["tokens"], counters["eval_loss"]
 
