@@ -79,6 +79,18 @@ def test_code_blocks_render_as_code_and_stop_works(server, browser):
     assert "<pre><code data-lang=\"python\">print(1 &lt; 2)\n</code></pre>" in html and "<code>x</code>" in html
     browser.find_element(By.ID, "max_tokens").clear()
     browser.find_element(By.ID, "max_tokens").send_keys("900")
+    # the tiny model can finish its answer within a poll of the waits below, so the page is handed its answer only when
+    # Stop aborts it: the request runs on the server as sent, and Stop is sure to find it in flight on the page
+    browser.execute_script("""
+        const real = window.fetch;
+        window.fetch = (url, opts) => {
+          const answer = real(url, opts);
+          if (!String(url).includes("/chat/completions")) return answer;
+          return new Promise((resolve, reject) => {
+            answer.catch(() => {});
+            opts.signal.addEventListener("abort", () => reject(new DOMException("stopped", "AbortError")));
+          });
+        };""")
     browser.find_element(By.ID, "input").send_keys("Tell me a long story")
     browser.find_element(By.ID, "send").click()
     stop = browser.find_element(By.ID, "stop")
