@@ -58,11 +58,16 @@ class CastOnceLinear(nn.Linear):
         dtype = autocast_dtype(self.weight.device.type)
         return self.weight if dtype is None else self._weight_copy.of(self.weight, dtype)
 
+    def matmul_bias(self) -> torch.Tensor | None:
+        """The bias as autocast would cast it now (the fp32 bias outside autocast; None without one)."""
+        dtype = autocast_dtype(self.weight.device.type)
+        return self.bias if self.bias is None or dtype is None else self._bias_copy.of(self.bias, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = autocast_dtype(x.device.type)
         if dtype is None:
             return F.linear(x, self.weight, self.bias)
-        bias = None if self.bias is None else self._bias_copy.of(self.bias, dtype)
+        bias = self.matmul_bias()
         # the input cast is autocast's own (the same op, the same gradient back to fp32)
         return F.linear(x.to(dtype), self._weight_copy.of(self.weight, dtype), bias)
 
@@ -70,6 +75,11 @@ class CastOnceLinear(nn.Linear):
 def matmul_weight(linear: nn.Module) -> torch.Tensor:
     """The weight a plain or cast-once linear layer multiplies by under the current autocast state."""
     return linear.matmul_weight() if isinstance(linear, CastOnceLinear) else linear.weight
+
+
+def matmul_bias(linear: nn.Module) -> torch.Tensor | None:
+    """The bias a plain or cast-once linear layer adds under the current autocast state."""
+    return linear.matmul_bias() if isinstance(linear, CastOnceLinear) else linear.bias
 
 
 def is_plain_linear(module: nn.Module) -> bool:

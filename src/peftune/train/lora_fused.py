@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
-from .cast_once import CastOnceLinear, autocast_dtype
+from .cast_once import autocast_dtype, is_plain_linear, matmul_bias, matmul_weight
 from .dropout import FastDropout
 
 
@@ -66,16 +66,6 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
-def _frozen_weight(base: nn.Module, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(base, CastOnceLinear):
-        weight = base.matmul_weight()  # its cast-once copy under autocast
-        bias = None if base.bias is None else (base.bias if dtype is None else base._bias_copy.of(base.bias, dtype))
-        return weight, bias
-    if dtype is None:
-        return base.weight, base.bias
-    return base.weight.to(dtype), None if base.bias is None else base.bias.to(dtype)
-
-
 def fusable(layer) -> str | None:
     """The one adapter whose forward _LoraLinear can compute for this layer now, or None (peft's forward then)."""
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
@@ -84,7 +74,7 @@ def fusable(layer) -> str | None:
     if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}) or layer.lora_bias.get(name):
         return None
     base = layer.base_layer
-    if type(base) not in (nn.Linear, CastOnceLinear) or base.weight.requires_grad:
+    if not is_plain_linear(base) or base.weight.requires_grad:
         return None
     if not isinstance(layer.lora_dropout[name], (FastDropout, nn.Identity)):
         return None
@@ -99,7 +89,7 @@ class FusedLoraLinear(LoraLinear):
         if name is None:
             return super().forward(x, *args, **kwargs)
         dtype = autocast_dtype(x.device.type)
-        weight, bias = _frozen_weight(self.base_layer, dtype)
+        weight, bias = matmul_weight(self.base_layer), matmul_bias(self.base_layer)  # cast-once copies, or fp32
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         if dtype is None and weight.dtype != lora_a.dtype:  # e.g. a bf16 base with fp32 adapters, no autocast
             return super().forward(x)
