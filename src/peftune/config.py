@@ -142,6 +142,13 @@ class TrainConfig:
                           "base matmul, the adapter's two, the dropout mask folded into the scaling): fewer casts and "
                           "elementwise passes; the same model, other rounding under bf16/fp16 (docs/speed.md). Not with "
                           "torch_compile or FSDP.")
+    fused_norm: bool = _f(True, "The decoder's RMSNorms (LLaMA, Mistral, Qwen2/3) as one autograd function that writes "
+                          "its output once in the autocast dtype, so q/k/v and gate/up share one cast: the same "
+                          "forward values, other rounding of the gradient (docs/speed.md). Not with torch_compile or "
+                          "FSDP.")
+    fused_rotary: bool = _f(True, "The rotary position embedding of LLaMA's queries and keys as one autograd function "
+                            "(fewer elementwise passes, no zero-filled slices): the same forward values, the gradient "
+                            "rounded once (docs/speed.md). Not with torch_compile.")
     torch_compile: bool = _f(False, "torch.compile each decoder layer (regional, dynamic shapes; per-sample attention "
                              "and the dropout's bit draw stay eager): the same model up to float rounding; the first "
                              "steps include the compile time (docs/speed.md). Not with fuse_projections or FSDP.")

@@ -166,9 +166,9 @@ LEGACY_KEYS = ("num_epochs", "max_steps")  # in fingerprints before runs could b
 
 # settings added later whose default is not what runs did before they existed
 # checkpoints from before drew dropout masks with nn.Dropout, computed bf16/fp16 attention in that dtype, and the
-# head's loss and the LoRA layers through autograd
+# head's loss, the LoRA layers, the norms and the rotary embedding through autograd
 BEFORE_THE_KEY = {"fast_dropout": False, "attention_fp32": False, "fused_loss": False,
-                  "fused_lora": False}
+                  "fused_lora": False, "fused_norm": False, "fused_rotary": False}
 
 
 def _then(saved: dict, key: str):

@@ -39,6 +39,8 @@ from .compiled import compile_layers
 from .dropout import use_fast_dropout
 from .fused import fuse_projections
 from .lora_fused import use_fused_lora
+from .norm_fused import use_fused_norms
+from .rotary_fused import use_fused_rotary
 from .loss import LossModel, accumulate_step, forward_loss_sum, release_blocks
 from .metrics import MetricsLog, progress
 
@@ -95,6 +97,7 @@ TRAJECTORY_KEYS = ("base_model", "prompt_template", "system_prompt", "cutoff_len
                    "mixed_precision", "seed", "nan_policy", "peft_method", "load_in_4bit", "load_in_8bit", "replay",
                    "replay_data", "replay_max_tokens", "replay_beta", "replay_ce", "fuse_projections", "fast_dropout",
                    "torch_compile", "packed_attention", "attention_fp32", "fused_loss", "fused_lora",
+                   "fused_norm", "fused_rotary",
                    *(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("methods")))
 
 
@@ -179,6 +182,10 @@ def apply_speedups(cfg: TrainConfig, model, device_type: str, precision: str = "
         cast_weights_once(model)
     if cfg.fused_lora and not cfg.torch_compile and not sharded:  # compiled layers fuse by themselves
         use_fused_lora(model)
+    if cfg.fused_norm and not cfg.torch_compile and not sharded:
+        use_fused_norms(model)
+    if cfg.fused_rotary and not cfg.torch_compile:
+        use_fused_rotary(model)
     if cfg.torch_compile:
         compile_layers(model)
 
