@@ -40,7 +40,7 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, keep):
         """x: [..., in] in the matmul dtype; weight, bias, lora_a, lora_b: in the matmul dtype (weight and bias
-        frozen); keep: the dropout's bool mask of x's shape, or None."""
+        frozen); keep: the dropout's 0/1 mask of x's shape in the matmul dtype, or None."""
         rows = x.reshape(-1, x.shape[-1])
         dropped = rows if keep is None else rows * keep.reshape(rows.shape)
         a = dropped @ lora_a.t()
@@ -97,7 +97,7 @@ class FusedLoraLinear(LoraLinear):
         drop = self.lora_dropout[name]
         keep, scale = None, self.scaling[name]
         if isinstance(drop, FastDropout) and drop.training and drop.threshold:
-            keep, scale = drop.keep_mask(x.shape, x.device), scale * drop.scale
+            keep, scale = drop.keep_mask(x.shape, x.device, dtype), scale * drop.scale
         with torch.autocast(x.device.type, enabled=False):  # every operand is in its matmul dtype already
             return _LoraLinear.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
                                      lora_a.to(dtype), lora_b.to(dtype), scale, keep)
