@@ -236,8 +236,8 @@ def test_a_setting_added_later_at_its_default_does_not_block_a_resume():
     ckpt.compare_fingerprints(saved, {**saved, "attention_fp32": False}, "step-5")
     with pytest.raises(PeftuneError, match="attention_fp32: False then, True now"):
         ckpt.compare_fingerprints(saved, {**saved, "attention_fp32": True}, "step-5")
-    # the fused loss and LoRA layers likewise: older runs computed both through autograd
-    for key in ("fused_loss", "fused_lora"):
+    # the fused loss, LoRA layers, norms and rotary embedding likewise: older runs computed them through autograd
+    for key in ("fused_loss", "fused_lora", "fused_norm", "fused_rotary"):
         ckpt.compare_fingerprints(saved, {**saved, key: False}, "step-5")
         with pytest.raises(PeftuneError, match=f"{key}: False then, True now"):
             ckpt.compare_fingerprints(saved, {**saved, key: True}, "step-5")
