@@ -5,7 +5,8 @@
 On a shared host the speed of separate runs moves by 10-30 % from one minute to the next (docs/speed.md), more than
 one lever changes; here both variants run in the same process on the same batches, alternating (off, on, on, off,
 ...), so the host's drift falls on both. The levers that can be switched on a built model: `fused_norm`,
-`fused_rotary` and `fused_lora` (each module's class swapped back and forth), `attention_fp32` (the attention function re-registered), `mmap_threshold=MB` (release_memory's 1 MB
+`fused_rotary` and `fused_lora` (each module's class swapped back and forth), `attention_fp32` (the attention function re-registered), `matmul_attention` (the
+configured attention against `packed_attention: matmul` with `attention_fp32: false`), `mmap_threshold=MB` (release_memory's 1 MB
 threshold as "on" against the one given as "off").
 Prints each step's time, the medians and the median of the pairwise differences.
 """
@@ -54,6 +55,13 @@ def toggles(loss_model, lever: str, cfg):
 
         def set_class(on: bool):
             use_packed_attention(peft_model.get_base_model(), cfg.packed_attention, on)
+    elif lever == "matmul_attention":
+        # off: the configured attention (packed_attention, attention_fp32); on: matmul kernel in the autocast dtype
+        from peftune.train.attention import use_packed_attention
+
+        def set_class(on: bool):
+            use_packed_attention(peft_model.get_base_model(), "matmul" if on else cfg.packed_attention,
+                                 False if on else cfg.attention_fp32)
     elif lever.startswith("mmap_threshold="):
         # release_memory's fixed glibc mmap threshold (1 MB) on, against the threshold given (MB), e.g. 32: glibc's
         # largest dynamic one; mallopt takes effect for the allocations after it
@@ -65,7 +73,7 @@ def toggles(loss_model, lever: str, cfg):
             return_large_buffers_to_os(1 << 20 if on else other)
     else:
         raise SystemExit(f"ab_step.py: --lever {lever}: not one of fused_norm, fused_rotary, fused_lora, "
-                         "attention_fp32, mmap_threshold=MB")
+                         "attention_fp32, matmul_attention, mmap_threshold=MB")
     return (lambda: set_class(False)), (lambda: set_class(True))
 
 
@@ -77,7 +85,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--micro_batch_size", type=int, default=4)
     p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"))
-    p.add_argument("--lever", required=True, help="fused_norm, fused_rotary, fused_lora, attention_fp32 or mmap_threshold=MB")
+    p.add_argument("--lever", required=True, help="fused_norm, fused_rotary, fused_lora, attention_fp32, matmul_attention or "
+                   "mmap_threshold=MB")
     p.add_argument("--rounds", type=int, default=4, help="pairs of steps (each variant once per round)")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE: a TrainConfig field")
     args = p.parse_args()
