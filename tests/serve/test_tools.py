@@ -25,11 +25,13 @@ def caller(tiny_model_dir, tmp_path_factory):
     data = root / "tools.json"
     data.write_text(json.dumps([{"messages": [*ASK, call], "tools": [WEATHER]}] * 16), encoding="utf-8")
     out = root / "caller"
-    # the tiny random model learns the 75 bytes of the call by heart at a high rank (lr 2e-2 and above diverged)
+    # the tiny random model learns the 75 bytes of the call by heart at a high rank (lr 2e-2 and above diverged);
+    # in fp32: at this learning rate whether 60 epochs get there depends on the trajectory, and under bf16 autocast
+    # (CPUs with AVX512-BF16) each change of rounding in the speed-ups moves it (one seed plateaued short of the call)
     assert cli.main(["train", "--base_model", tiny_model_dir, "--data_path", str(data), "--output_dir", str(out),
                      "--batch_size", "4", "--micro_batch_size", "4", "--num_epochs", "60", "--learning_rate", "1e-2",
                      "--lora_r", "32", "--lora_dropout", "0", "--val_set_size", "0", "--cutoff_len", "1024",
-                     "--logging_steps", "100"]) == 0
+                     "--logging_steps", "100", "--mixed_precision", "no"]) == 0
     return str(out)
 
 
