@@ -148,7 +148,7 @@ class TrainConfig:
                           "FSDP.")
     fused_rotary: bool = _f(True, "The rotary position embedding of LLaMA's queries and keys as one autograd function "
                             "(fewer elementwise passes, no zero-filled slices): the same forward values, the gradient "
-                            "rounded once (docs/speed.md). Not with torch_compile.")
+                            "rounded once (docs/speed.md). Not with torch_compile or FSDP.")
     torch_compile: bool = _f(False, "torch.compile each decoder layer (regional, dynamic shapes; per-sample attention "
                              "and the dropout's bit draw stay eager): the same model up to float rounding; the first "
                              "steps include the compile time (docs/speed.md). Not with fuse_projections or FSDP.")

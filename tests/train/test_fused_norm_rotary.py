@@ -196,6 +196,9 @@ def test_fused_rotary_generates_as_transformers_and_is_not_swapped_where_the_for
     assert all(isinstance(l.self_attn, FusedRotaryAttentionMixin) for l in fresh.model.layers[1:])
     assert all(m.training for m in fresh.modules())  # the probe's eval mode was undone
 
+    half = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)  # probed in the model's dtype
+    assert use_fused_rotary(half) == half.config.num_hidden_layers
+
 
 def test_fast_dropout_mask_in_the_matmul_dtype_is_the_bool_mask():
     drop = FastDropout(0.1)

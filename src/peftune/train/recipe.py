@@ -184,7 +184,7 @@ def apply_speedups(cfg: TrainConfig, model, device_type: str, precision: str = "
         use_fused_lora(model)
     if cfg.fused_norm and not cfg.torch_compile and not sharded:
         use_fused_norms(model)
-    if cfg.fused_rotary and not cfg.torch_compile:
+    if cfg.fused_rotary and not cfg.torch_compile and not sharded:
         use_fused_rotary(model)
     if cfg.torch_compile:
         compile_layers(model)

@@ -96,14 +96,14 @@ def _fused_class(cls: type) -> type:
 def _agrees(module: nn.Module, fused: type) -> bool:
     """Whether the fused forward gives this module's own forward's output, bit for bit, on a probe input (in eval
     mode, so that no dropout draws random numbers; the modules' modes and the module's class are restored)."""
-    weight = next(module.parameters(), None)
+    weight = next((p for p in module.parameters() if p.is_floating_point()), None)
     if weight is None or weight.device.type == "meta":
         return False
     width, dim = module.config.hidden_size, module.head_dim
-    device = weight.device
-    hidden = torch.linspace(-2.0, 2.0, 5 * width, device=device).reshape(1, 5, width)
+    device, dtype = weight.device, weight.dtype  # the dtype the model computes in without autocast
+    hidden = torch.linspace(-2.0, 2.0, 5 * width, device=device).reshape(1, 5, width).to(dtype)
     angles = torch.linspace(0.0, 3.0, 5 * dim, device=device).reshape(1, 5, dim)
-    embeddings = (angles.cos(), angles.sin())
+    embeddings = (angles.cos().to(dtype), angles.sin().to(dtype))
     modes, cls = [(m, m.training) for m in module.modules()], type(module)
     module.eval()
     try:
@@ -111,6 +111,8 @@ def _agrees(module: nn.Module, fused: type) -> bool:
             own = module(hidden, embeddings, None)[0]
             module.__class__ = fused
             ours = module(hidden, embeddings, None)[0]
+    except (RuntimeError, TypeError, ValueError):  # a module this probe cannot run (e.g. quantized layers): left as is
+        return False
     finally:
         module.__class__ = cls
         for m, mode in modes:
