@@ -309,3 +309,30 @@ def test_attention_fp32_computes_packed_attention_in_fp32_under_autocast(tiny_mo
     # fp32 training: the switch changes nothing
     (loss, grads), (fp32_loss, fp32_grads) = (_step(m, samples, batching.collate_packed) for m in (plain, fp32))
     assert fp32_loss == loss and all(torch.equal(fp32_grads[n], g) for n, g in grads.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_attention_is_per_sample_sdpa_bit_for_bit(dtype):
+    """The row split into its samples (`split`, one output cat) computes exactly what causal SDPA over each sample's
+    slice computes: the same output, [1, tokens, heads, dim] and contiguous, and the same gradients, bit for bit."""
+    import types
+
+    import torch.nn.functional as F
+
+    from peftune.train.attention import packed_sdpa
+
+    torch.manual_seed(0)
+    lengths = [23, 5, 40]
+    n = sum(lengths)
+    q, k, v = (torch.randn(1, h, n, 16, dtype=dtype, requires_grad=True) for h in (4, 2, 2))
+    positions = torch.cat([torch.arange(length) for length in lengths])[None]
+    out, _ = packed_sdpa(types.SimpleNamespace(training=True), q, k, v, None, position_ids=positions)
+    grad = torch.randn(out.shape, dtype=dtype)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    starts = [0, 23, 28, n]
+    parts = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, enable_gqa=True)
+             for s, e in zip(starts[:-1], starts[1:])]
+    reference = torch.cat(parts, dim=2).transpose(1, 2).contiguous()
+    assert out.shape == (1, n, 4, 16) and out.is_contiguous() and torch.equal(out, reference)
+    for mine, theirs in zip(ours, torch.autograd.grad(reference, (q, k, v), grad)):
+        assert torch.equal(mine, theirs)
