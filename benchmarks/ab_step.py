@@ -5,9 +5,9 @@
 On a shared host the speed of separate runs moves by 10-30 % from one minute to the next (docs/speed.md), more than
 one lever changes; here both variants run in the same process on the same batches, alternating (off, on, on, off,
 ...), so the host's drift falls on both. The levers that can be switched on a built model: `fused_norm`,
-`fused_rotary` and `fused_lora` (each module's class swapped back and forth), `attention_fp32` (the attention function re-registered), `matmul_attention` (the
-configured attention against `packed_attention: matmul` with `attention_fp32: false`), `mmap_threshold=MB` (release_memory's 1 MB
-threshold as "on" against the one given as "off").
+`fused_rotary` and `fused_lora` (each module's class swapped back and forth), `attention_fp32` (the attention function
+re-registered), `matmul_attention` (the configured attention against `packed_attention: matmul` with
+`attention_fp32: false`), `mmap_threshold=MB` (release_memory's 1 MB threshold as "on" against the one given as "off").
 Prints each step's time, the medians and the median of the pairwise differences.
 """
 
@@ -30,16 +30,18 @@ def toggles(loss_model, lever: str, cfg):
     configured speed-ups, so the lever's modules are found whichever way it was set)."""
     peft_model = loss_model.module
     if lever in ("fused_norm", "fused_rotary"):
-        from peftune.train import norm_fused, rotary_fused
+        from peftune.train.norm_fused import FusedRMSNormMixin, use_fused_norms
+        from peftune.train.rotary_fused import FusedRotaryAttentionMixin, use_fused_rotary
+        from peftune.train.swap import mixed, unmixed
 
-        swap = norm_fused if lever == "fused_norm" else rotary_fused
-        (swap.use_fused_norms if lever == "fused_norm" else swap.use_fused_rotary)(peft_model)  # no-op if on
-        fused = {v: k for k, v in swap._SUBCLASSES.items()}  # Fused<cls> -> cls
-        plain = {m: fused[type(m)] for m in peft_model.modules() if type(m) in fused}
+        use, mixin, prefix = ((use_fused_norms, FusedRMSNormMixin, "Fused") if lever == "fused_norm" else
+                              (use_fused_rotary, FusedRotaryAttentionMixin, "FusedRotary"))
+        use(peft_model)  # a no-op where profile_step.build swapped them already
+        plain = {m: unmixed(m, mixin) for m in peft_model.modules() if isinstance(m, mixin)}
 
         def set_class(on: bool):
             for m, cls in plain.items():
-                m.__class__ = swap._fused_class(cls) if on else cls
+                m.__class__ = mixed(mixin, cls, prefix) if on else cls
     elif lever == "fused_lora":
         from peft.tuners.lora import Linear as LoraLinear
 
@@ -85,8 +87,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--micro_batch_size", type=int, default=4)
     p.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"))
-    p.add_argument("--lever", required=True, help="fused_norm, fused_rotary, fused_lora, attention_fp32, matmul_attention or "
-                   "mmap_threshold=MB")
+    p.add_argument("--lever", required=True,
+                   help="fused_norm, fused_rotary, fused_lora, attention_fp32, matmul_attention or mmap_threshold=MB")
     p.add_argument("--rounds", type=int, default=4, help="pairs of steps (each variant once per round)")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE: a TrainConfig field")
     args = p.parse_args()

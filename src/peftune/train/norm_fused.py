@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .cast_once import autocast_dtype
+from .swap import mixed
 
 # transformers' RMSNorm classes whose forward is weight * (x * rsqrt(mean(x^2) + eps)) in fp32
 NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
@@ -70,15 +71,6 @@ class FusedRMSNormMixin:
         return _RMSNorm.apply(hidden_states, weight, self.variance_epsilon, out_dtype)
 
 
-_SUBCLASSES: dict[type, type] = {}
-
-
-def _fused_class(cls: type) -> type:
-    if cls not in _SUBCLASSES:
-        _SUBCLASSES[cls] = type("Fused" + cls.__name__, (FusedRMSNormMixin, cls), {})
-    return _SUBCLASSES[cls]
-
-
 def _agrees(module: nn.Module) -> bool:
     """Whether _RMSNorm gives this module's own forward's output, bit for bit, on a probe input (no random numbers
     drawn: the training's random stream stays as it was)."""
@@ -101,6 +93,6 @@ def use_fused_norms(model: nn.Module) -> int:
         if cls.__name__ not in NORM_CLASSES or not isinstance(getattr(module, "weight", None), torch.Tensor):
             continue
         if _agrees(module):
-            module.__class__ = _fused_class(cls)
+            module.__class__ = mixed(FusedRMSNormMixin, cls, "Fused")
             count += 1
     return count

@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .swap import mixed
 
 ATTENTION_CLASSES = ("LlamaAttention",)
 
@@ -66,9 +70,6 @@ class FusedRotaryAttentionMixin:
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         if cache is not None or position_embeddings is None or kwargs.get("past_key_values") is not None:
             return super().forward(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.llama.modeling_llama import eager_attention_forward
-
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -82,15 +83,6 @@ class FusedRotaryAttentionMixin:
                                  **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
         return self.o_proj(out), weights
-
-
-_SUBCLASSES: dict[type, type] = {}
-
-
-def _fused_class(cls: type) -> type:
-    if cls not in _SUBCLASSES:
-        _SUBCLASSES[cls] = type("FusedRotary" + cls.__name__, (FusedRotaryAttentionMixin, cls), {})
-    return _SUBCLASSES[cls]
 
 
 def _agrees(module: nn.Module, fused: type) -> bool:
@@ -127,7 +119,7 @@ def use_fused_rotary(model: nn.Module) -> int:
         cls = type(module)
         if cls.__name__ not in ATTENTION_CLASSES:
             continue
-        fused = _fused_class(cls)
+        fused = mixed(FusedRotaryAttentionMixin, cls, "FusedRotary")
         if _agrees(module, fused):
             module.__class__ = fused
             count += 1
