@@ -130,3 +130,45 @@ def test_packed_attention_equals_block_masked_sdpa(tokenizer):
     # padded batches (an attention mask) take the plain SDPA path and still agree
     padded = forward_loss_sum(model, collate_padded(data, pad_id=tokenizer.pad_token_id))
     assert abs(padded.item() - ref) < 1e-5 * abs(ref)
+
+
+def _windowed(kind, tokenizer):
+    """A tiny Mistral / Qwen2 with a 4-token sliding window, as LoRA (the samples are longer than the window)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, sliding_window=4, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    if kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common))
+    else:  # the second layer slides, the first does not
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, max_window_layers=1))
+    model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_packed_attention_keeps_the_sliding_window(tokenizer, kind):
+    """peftune's per-sample attention over a packed row honours the model's sliding window: the loss and gradients
+    of transformers' own padded batch (its sliding-window masks), and not those of plain causal attention."""
+    from peftune.train.attention import use_packed_attention
+
+    data = samples(tokenizer)
+    assert max(len(s["input_ids"]) for s in data) > 4
+    model = _windowed(kind, tokenizer)
+    padded, g_padded = loss_and_grads(model, collate_padded(data, pad_id=tokenizer.pad_token_id))
+    assert use_packed_attention(model.get_base_model())
+    packed, g_packed = loss_and_grads(model, collate_packed(data))
+    assert abs(packed - padded) < 1e-5 * max(1.0, abs(padded))
+    for n in g_packed:
+        assert torch.allclose(g_packed[n], g_padded[n], atol=1e-5), n
+    model.get_base_model().config.sliding_window = 10_000  # and the window matters here: wider, other numbers
+    for layer in model.get_base_model().model.layers:
+        if getattr(layer.self_attn, "sliding_window", None):
+            layer.self_attn.sliding_window = 10_000
+    unwindowed, _ = loss_and_grads(model, collate_packed(data))
+    assert abs(unwindowed - padded) > 1e-3

@@ -5,7 +5,8 @@ mask and running SDPA over the whole row: the cost grows with the square of the 
 diagonal blocks count. On a CPU that was 44 % of a LoRA step (SmolLM2-135M, 4 samples of ~160 tokens). This
 function runs causal SDPA once per sample instead (the varlen idea of flash-attention, which has no CPU kernel).
 It is registered through transformers' public AttentionInterface, and falls back to plain SDPA for anything
-that is not a packed row (padded batches, generation with a cache).
+that is not a packed row (padded batches, generation with a cache). A layer with a sliding window (Mistral, Qwen2's
+`use_sliding_window`) keeps it: a sample longer than the window gets transformers' sliding-window mask.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     p = dropout if module.training else 0.0
     upcast = fp32 and query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
     sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    window = kwargs.get("sliding_window")  # transformers passes it for the layers that have one
     with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
         if upcast:
             query, key, value = query.float(), key.float(), value.float()
@@ -53,7 +55,10 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         # split, not one slice per sample: autograd's backward of a slice is a zero-filled tensor of the whole row
         # added to the others (samples x row per tensor, 0.2 s of a 2,777-token step), split's is one cat
         for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)):
-            if kernel == "matmul" and not p and q.shape[2] <= MATMUL_MAX_LEN:
+            if window and q.shape[2] > window:  # a sample longer than the model's sliding window (Mistral, Qwen2)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=_window_mask(q.shape[2], window, q.device),
+                                                     dropout_p=p, scale=scaling, enable_gqa=gqa)
+            elif kernel == "matmul" and not p and q.shape[2] <= MATMUL_MAX_LEN:
                 out = _matmul_attention(q, k, v, scaling)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=scaling,
@@ -61,6 +66,14 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
             outs.append(out.transpose(1, 2))
         # [1, tokens, heads, dim] as the caller wants it, in one copy (cat of the transposed views)
         return torch.cat(outs, dim=1), None
+
+
+def _window_mask(length: int, window: int, device) -> torch.Tensor:
+    """Causal with a sliding window, as transformers' `sliding_window_overlay`: query i sees keys j with
+    i - window < j <= i (True = attend)."""
+    i = torch.arange(length, device=device)
+    distance = i[:, None] - i[None, :]
+    return (distance >= 0) & (distance < window)
 
 
 # Samples up to this many tokens take the matmul path: its scores (heads x L x L, kept for backward) grow with the
