@@ -174,7 +174,12 @@ def main() -> None:
               f"{ours['peak_rss_mb'] / base['peak_rss_mb']:>10.2f}x{ours['val_loss'] / base['val_loss']:>9.4f}x")
         print(f"{'':<34}peftune ({ours.get('precision')}): {flops / 1e9:.0f} GFLOP/s = MFU "
               f"{100 * flops / 1e9 / used_peak:.0f} % of the {'bf16' if used_peak == peak['bfloat16'] else 'fp32'}"
-              f" matmul peak\n", flush=True)
+              f" matmul peak", flush=True)
+        # what a target ratio asks of this machine: the matmuls alone at the measured peak bound the speed
+        bound = used_peak * 1e9 / (4 * params)
+        print(f"{'':<34}bound: {bound:.0f} tok/s with nothing but the matmuls at that peak "
+              f"({bound / base['tok_s']:.2f}x the recipe); 3x the recipe needs MFU "
+              f"{100 * 3 * base['tok_s'] / bound:.0f} %\n", flush=True)
 
 
 def _prod(shape) -> int:
