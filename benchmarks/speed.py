@@ -10,7 +10,8 @@ cutoff 256, micro batch 4, batch 16; (3) the demo's LoRA (r=16, alpha=32, all li
 micro batch 4, batch 8, response only) for both arms. Each is one epoch over the same rows. Each arm runs in its own process; it
 reports real (non-padding) tokens/s, the padding share, its peak RSS, and the validation loss on the same
 held-out rows, computed by one shared evaluator (fp32, token-weighted). Also: peftune's model FLOPs
-utilisation against the matmul peak measured in this run (4 x parameters FLOPs per token for a LoRA step).
+utilisation against the matmul peak measured in this run (4 x parameters FLOPs per token for a LoRA step), the
+speed those FLOPs allow at that peak with nothing else (bound), and the MFU that 3x the recipe's speed asks for.
 """
 
 from __future__ import annotations
