@@ -1,7 +1,7 @@
 """One packed sample's causal attention, forward and backward, by sample length: the kernels peftune can choose from
 on a CPU (packed_attention, attention_fp32), timed alone.
 
-    .venv/bin/python benchmarks/attention_kernels.py                 # SmolLM2-135M's heads: 9 query, 3 key/value, 64 dims
+    .venv/bin/python benchmarks/attention_kernels.py        # SmolLM2-135M: 9 query, 3 key/value heads, 64 dims
     .venv/bin/python benchmarks/attention_kernels.py --lengths 128,512 --reps 50
 
 Kernels: torch's SDPA (its CPU flash-attention kernel) in fp32 (`attention_fp32`, the default) and in bf16, and

@@ -18,11 +18,12 @@ def samples(tokenizer):
             for q, a in TEXTS]
 
 
-def lora(tokenizer):
+def lora(tokenizer, base=None):
+    """`base` (default: the tiny LLaMA) with a LoRA adapter on q_proj, v_proj."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(make_model(tokenizer), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                             target_modules=["q_proj", "v_proj"]))
+    base = make_model(tokenizer) if base is None else base
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(1)
     for n, p in model.named_parameters():  # non-zero B, so the LoRA gradients are all informative
         if "lora_B" in n:
@@ -134,7 +135,6 @@ def test_packed_attention_equals_block_masked_sdpa(tokenizer):
 
 def _windowed(kind, tokenizer):
     """A tiny Mistral / Qwen2 with a 4-token sliding window, as LoRA (the samples are longer than the window)."""
-    from peft import LoraConfig, get_peft_model
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -144,11 +144,7 @@ def _windowed(kind, tokenizer):
         model = MistralForCausalLM(MistralConfig(**common))
     else:  # the second layer slides, the first does not
         model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, max_window_layers=1))
-    model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.data.normal_(0, 0.1)
-    return model
+    return lora(tokenizer, model)
 
 
 @pytest.mark.parametrize("kind", ["mistral", "qwen2"])

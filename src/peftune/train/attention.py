@@ -55,14 +55,13 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         # split, not one slice per sample: autograd's backward of a slice is a zero-filled tensor of the whole row
         # added to the others (samples x row per tensor, 0.2 s of a 2,777-token step), split's is one cat
         for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)):
-            if window and q.shape[2] > window:  # a sample longer than the model's sliding window (Mistral, Qwen2)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=_window_mask(q.shape[2], window, q.device),
-                                                     dropout_p=p, scale=scaling, enable_gqa=gqa)
-            elif kernel == "matmul" and not p and q.shape[2] <= MATMUL_MAX_LEN:
+            # a sample longer than the model's sliding window (Mistral, Qwen2) gets the window's mask, else causal
+            mask = _window_mask(q.shape[2], window, q.device) if window and q.shape[2] > window else None
+            if mask is None and kernel == "matmul" and not p and q.shape[2] <= MATMUL_MAX_LEN:
                 out = _matmul_attention(q, k, v, scaling)
             else:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=scaling,
-                                                     enable_gqa=gqa)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p,
+                                                     scale=scaling, enable_gqa=gqa)
             outs.append(out.transpose(1, 2))
         # [1, tokens, heads, dim] as the caller wants it, in one copy (cat of the transposed views)
         return torch.cat(outs, dim=1), None
